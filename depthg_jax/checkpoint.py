@@ -1,0 +1,120 @@
+"""Orbax checkpoints: the training manager (resume, keep-latest + keep-best) and inference exports.
+
+Training checkpoints hold only what training changes (step, head and probe params, optimiser
+state) plus the input iterator's state; the frozen backbone is never written there.
+An export is self-contained: backbone + head + probes + the resolved config, so evaluation and
+segmentation need nothing but the export directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+EXPORT_PARAMS = ("backbone", "head", "cluster_probe", "linear_probe")
+_CONFIG_FILE = "config.json"
+_PARAMS_DIR = "params"
+BEST_METRIC = "val/cluster_miou"
+
+
+def make_manager(directory: str, *, keep: int, save_every: int) -> ocp.CheckpointManager:
+    """A manager that keeps the latest `keep` checkpoints and the best one by cluster mIoU."""
+    preservation = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(save_every, 1),
+        preservation_policy=preservation,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=("state", "data")
+    )
+
+
+def save_train_state(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_state: dict,
+    *,
+    metrics: dict | None = None,
+    force: bool = False,
+) -> bool:
+    """Saves the train state and the input iterator's state (as JSON) at `step`."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+    )
+    return manager.save(step, args=args, metrics=metrics, force=force)
+
+
+def restore_train_state(
+    manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+) -> tuple[Any, dict, int] | None:
+    """Restores (state, data_state, step) from the latest (or given) step; None if none saved."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored["state"], restored["data"], step
+
+
+def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
+    """Writes a self-contained inference checkpoint, atomically (temp dir, then rename)."""
+    missing = [k for k in EXPORT_PARAMS if k not in params]
+    if missing:
+        raise ValueError(f"export params miss {missing}; expected keys {list(EXPORT_PARAMS)}")
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"export target {path} exists; choose a new --out or remove it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        params = jax.device_get({k: params[k] for k in EXPORT_PARAMS})
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, _PARAMS_DIR), params)
+            checkpointer.wait_until_finished()
+        with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """Loads (config, params) written by `save_export`; params holds EXPORT_PARAMS."""
+    path = os.path.abspath(path)
+    config_file = os.path.join(path, _CONFIG_FILE)
+    params_dir = os.path.join(path, _PARAMS_DIR)
+    if not os.path.isfile(config_file) or not os.path.isdir(params_dir):
+        raise FileNotFoundError(
+            f"{path} is not a depthg-jax export (needs {_CONFIG_FILE} and {_PARAMS_DIR}/); "
+            "make one with `python -m depthg_jax.export --workdir=W --out=DIR`"
+        )
+    with open(config_file) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(params_dir)
+    return config, params
