@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_neighbors = 7  # Positive drawn uniformly from KNN ranks 1..num_neighbors.
     config.data.worker_count = 0  # grain worker processes per host (0: in-process).
     config.data.prefetch = 2  # Batches prefetched to device ahead of the step.
+    # Only for name == "synthetic" (generated on first use under <workdir>/synthetic_data):
+    config.data.synthetic_train = 256  # Generated training images.
+    config.data.synthetic_val = 64  # Generated validation images.
+    config.data.synthetic_size = 256  # Side of the generated images (px).
+    config.data.synthetic_seed = 0
 
     # --- Objective (SPEC.md §4-§7) -----------------------------------------------------------
     config.loss = ml_collections.ConfigDict()
@@ -74,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
     config.train.image_every = 500  # PNG summaries (image | depth | cluster | label).
+    config.train.report_baselines = False  # Also score the untrained head and k-means (demo).
 
     # --- Evaluation ----------------------------------------------------------------------
     config.eval = ml_collections.ConfigDict()

@@ -1,0 +1,96 @@
+"""Reference points for a trained head: k-means clustering of the raw backbone features.
+
+STEGO and DepthG report how far their heads improve over clustering the frozen features
+directly; the demo prints the same comparison so a user can see what training added.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from depthg_jax import metrics, sampling, sharding
+from depthg_jax.models import vit
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-10)
+
+
+def fit_spherical_kmeans(key: jax.Array, x: jax.Array, k: int, iters: int = 50) -> jax.Array:
+    """Cosine k-means on unit vectors x (N, D); returns unit centroids (k, D).
+
+    Initialised from k distinct random points; an emptied cluster keeps its centroid.
+    """
+    if x.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {x.shape[0]}")
+    x = _normalize(x)
+    init = x[jax.random.choice(key, x.shape[0], (k,), replace=False)]
+
+    def update(centroids, _):
+        assign = jnp.argmax(x @ centroids.T, axis=-1)
+        one_hot = jax.nn.one_hot(assign, k, dtype=x.dtype)
+        sums = one_hot.T @ x
+        counts = one_hot.sum(0)[:, None]
+        new = jnp.where(counts > 0, _normalize(sums), centroids)
+        return new, None
+
+    centroids, _ = jax.lax.scan(update, init, None, length=iters)
+    return centroids
+
+
+def evaluate_kmeans(
+    backbone_params: dict,
+    model_cfg: ml_collections.ConfigDict,
+    n_classes: int,
+    loader,
+    *,
+    seed: int = 0,
+    mesh=None,
+    points_per_image: int = 64,
+) -> dict:
+    """Clusters backbone features of the split into n_classes, scored with Hungarian matching.
+
+    Returns {"cluster": metrics.scores(...)}: k-means is fitted on a random subset of
+    feature-grid pixels, then every label pixel is assigned via bilinearly upsampled features.
+    """
+    from depthg_jax.inference import normalize_images
+
+    if jax.process_count() > 1:
+        raise ValueError("the k-means baseline runs in single-process runs only (the demo)")
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    backbone = vit.DinoViT(variant=model_cfg.variant, dtype=jnp.dtype(model_cfg.dtype))
+
+    @jax.jit
+    def features(images):
+        f = backbone.apply({"params": backbone_params}, normalize_images(images))
+        return _normalize(f.astype(jnp.float32))
+
+    rng = np.random.default_rng(seed)
+    picked = []
+    for batch in loader:
+        f = np.asarray(features(np.asarray(batch["image"])))
+        f = f[np.asarray(batch["valid"], bool)].reshape(-1, f.shape[-1])
+        take = min(points_per_image * len(batch["image"]), len(f))
+        picked.append(f[rng.choice(len(f), take, replace=False)])
+    points = np.concatenate(picked) if picked else np.zeros((0, 1), np.float32)
+    if len(points) == 0:
+        raise ValueError("k-means baseline: the evaluation split is empty")
+    centroids = fit_spherical_kmeans(jax.random.key(seed), jnp.asarray(points), n_classes)
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def batch_confusion(images, labels, valid):
+        f = features(images)
+        f = sampling.resize_bilinear(f, labels.shape[1:3], align_corners=False)
+        preds = jnp.argmax(_normalize(f) @ centroids.T, axis=-1)
+        return metrics.confusion(preds, labels, n_classes, n_classes, valid=valid)
+
+    total = np.zeros((n_classes, n_classes), np.int64)
+    for batch in loader:
+        g = sharding.host_to_global(batch, mesh)
+        total += np.asarray(batch_confusion(g["image"], g["label"], g["valid"]))
+    return {"cluster": metrics.scores(total, hungarian=True)}

@@ -1,0 +1,54 @@
+"""Colour maps for label pictures: a dataset's own where it has one, else a fixed palette."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_COLOUR = (0, 0, 0)
+
+
+def default_palette(n: int) -> np.ndarray:
+    """n distinct, deterministic RGB colours (golden-ratio hues, alternating lightness)."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    lightness = np.where(np.arange(n) % 2 == 0, 0.55, 0.4)
+    saturation = 0.75
+    c = (1 - np.abs(2 * lightness - 1)) * saturation
+    h6 = hues * 6
+    x = c * (1 - np.abs(h6 % 2 - 1))
+    sector = h6.astype(int) % 6
+    zeros = np.zeros(n)
+    table = {
+        0: (c, x, zeros),
+        1: (x, c, zeros),
+        2: (zeros, c, x),
+        3: (zeros, x, c),
+        4: (x, zeros, c),
+        5: (c, zeros, x),
+    }
+    rgb = np.zeros((n, 3))
+    for s, (r, g, b) in table.items():
+        rgb[sector == s] = np.stack([r, g, b], -1)[sector == s]
+    rgb += (lightness - c / 2)[:, None]
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def palette_for(dataset: str, n: int) -> np.ndarray:
+    """The dataset's colour map (n, 3) uint8 if it defines one for n classes, else the default."""
+    try:
+        from depthg_jax.data import classes
+    except ImportError:
+        return default_palette(n)
+    colours = classes.COLOUR_MAPS.get(dataset) if hasattr(classes, "COLOUR_MAPS") else None
+    if colours is not None and len(colours) >= n:
+        return np.asarray(colours[:n], np.uint8)
+    return default_palette(n)
+
+
+def colorize(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Label ids (H, W) → RGB uint8 (H, W, 3); ids outside [0, len(colours)) are black."""
+    labels = np.asarray(labels)
+    valid = (labels >= 0) & (labels < len(colours))
+    out = np.zeros(labels.shape + (3,), np.uint8)
+    out[:] = IGNORE_COLOUR
+    out[valid] = colours[labels[valid]]
+    return out

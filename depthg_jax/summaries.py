@@ -1,0 +1,88 @@
+"""Picture summaries written during training: image | depth | cluster prediction | label."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from depthg_jax import palette
+
+
+def colorize_depth(depth: np.ndarray) -> np.ndarray:
+    """Depth (H, W) in [0, 255], 0 = nearest, as a grey RGB image (near = bright)."""
+    grey = (255 - np.clip(depth, 0, 255)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tiles equally sized RGB uint8 images (rows of columns) with a white border."""
+    h, w = rows[0][0].shape[:2]
+    n_rows, n_cols = len(rows), len(rows[0])
+    grid = np.full((n_rows * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            if tile.shape[:2] != (h, w):
+                raise ValueError(f"grid tile {r},{c} has shape {tile.shape[:2]}, expected {(h, w)}")
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = tile
+    return grid
+
+
+def write_image_summary(
+    workdir: str,
+    step: int,
+    params: dict,
+    config: ml_collections.ConfigDict,
+    loader,
+    val_result: dict | None,
+    max_images: int = 4,
+) -> str | None:
+    """Writes `<workdir>/images/step_<step>.png` from the first evaluation batch (process 0).
+
+    Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
+    one is given, so prediction and label colours agree.
+    """
+    if jax.process_index() != 0:
+        return None
+    from depthg_jax import inference
+
+    batch = next(iter(loader))
+    valid = np.asarray(batch["valid"], bool)
+    images = np.asarray(batch["image"])[valid][:max_images]
+    if len(images) == 0:
+        return None
+    out = inference.predict(
+        params,
+        images,
+        variant=config.model.variant,
+        dim=config.model.dim,
+        n_classes=config.data.n_classes,
+        dtype=config.model.dtype,
+        flip=False,
+    )
+    clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
+    if val_result is not None and "assignment" in val_result["cluster"]:
+        clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]
+    colours = palette.palette_for(config.data.name, config.data.n_classes)
+    depth = np.asarray(batch["depth"])[valid][: len(images)]
+    labels = np.asarray(batch["label"])[valid][: len(images)]
+    rows = [
+        [
+            images[i],
+            colorize_depth(depth[i]),
+            palette.colorize(clusters[i], colours),
+            palette.colorize(labels[i], colours),
+        ]
+        for i in range(len(images))
+    ]
+    directory = os.path.join(workdir, "images")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step:06d}.png")
+    tmp = path + ".tmp.png"
+    Image.fromarray(make_grid(rows)).save(tmp)
+    os.replace(tmp, path)
+    return path
