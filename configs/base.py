@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.depth_decay_rate = 0.6
     config.loss.samples_decay_every = 1000  # Batches between S decays (0: never).
     config.loss.samples_decay_rate = 0.9
+    config.loss.depth_positive = False  # corrected only: add the positive's depth term too.
     config.loss.fov = 90.0  # Pinhole field of view used to lift depth to 3D.
     config.loss.far = 5.0  # Depth scale of the lifted Z coordinate.
 

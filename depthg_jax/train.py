@@ -153,14 +153,15 @@ def create_train_state(
 
 def loss_params(config: ml_collections.ConfigDict, depth_shift) -> losses.LossParams:
     return losses.LossParams(
-        pos_intra_shift=config.loss.pos_intra_shift,
-        pos_inter_shift=config.loss.pos_inter_shift,
-        neg_inter_shift=config.loss.neg_inter_shift,
+        intra_shift=config.loss.pos_intra_shift,
+        inter_shift=config.loss.pos_inter_shift,
+        neg_shift=config.loss.neg_inter_shift,
         depth_shift=depth_shift,
         pointwise=config.loss.pointwise,
         depth_mode=config.objective,
         fov=config.loss.fov,
         far=config.loss.far,
+        depth_positive=config.loss.depth_positive,
     )
 
 
@@ -204,6 +205,8 @@ def compute_losses(
             feature_hw=grid_hw,
             num_side=num_side,
             mode=config.objective,
+            fov=cl.fov,
+            far=cl.far,
         )
         coords1, coords2 = fps(depth), fps(depth_pos)
     else:
