@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.train_res = 224  # Training crop size (resize shorter side, centre crop).
     config.data.eval_res = 320  # Evaluation crop size.
     config.data.num_neighbors = 7  # Positive drawn uniformly from KNN ranks 1..num_neighbors.
+    # KNN table: "" = the standard name under root for (train split, knn_variant, train_res),
+    # made by `python -m depthg_jax.data.knn --config=...`.
+    config.data.knn_path = ""
+    config.data.knn_variant = ""  # Backbone whose features define neighbours ("" = model.variant).
     config.data.worker_count = 0  # grain worker processes per host (0: in-process).
     config.data.prefetch = 2  # Batches prefetched to device ahead of the step.
     # Only for name == "synthetic" (generated on first use under <workdir>/synthetic_data):

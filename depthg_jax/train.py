@@ -404,10 +404,16 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str, backbone_params, models) -> None:
-    """Makes the generated demo data (and its KNN table) on first use; real data must exist."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Resolves data defaults; makes the generated demo data and its KNN table on first use.
+
+    Real datasets must already exist with their KNN table (the loader's error names the
+    command that makes it); only the synthetic set is generated here.
+    """
     from depthg_jax.data import knn, synthetic
 
+    if not config.data.knn_variant:
+        config.data.knn_variant = config.model.variant
     if config.data.name != "synthetic":
         return
     if not config.data.root:
@@ -421,13 +427,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str, backbone_param
             seed=config.data.synthetic_seed,
         )
     _sync("synthetic-data")
-    path = knn.knn_table_path(
-        config.data.root, config.data.train_split, config.model.variant, config.data.train_res
+    path = config.data.knn_path or knn.knn_table_path(
+        config.data.root, config.data.train_split, config.data.knn_variant, config.data.train_res
     )
     if not os.path.exists(path):
         print(f"Building the KNN table {path} with the configured backbone", flush=True)
-        knn.build_knn_table_for_config(config, backbone_params)
-    _sync("synthetic-knn")
+        knn.make_knn_table(config)
 
 
 def _sync(name: str) -> None:
@@ -498,7 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     root_key = jax.random.key(config.seed)
     k_backbone, k_state, k_step = jax.random.split(root_key, 3)
     backbone_params = init_backbone(config, models, k_backbone)
-    prepare_data(config, workdir, backbone_params, models)
+    prepare_data(config, workdir)
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 

@@ -1,0 +1,177 @@
+"""Training: device independence, compile-once, config errors, and an end-to-end demo run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from depthg_jax import sharding, train
+
+
+def tiny_config(**overrides):
+    """The demo config shrunk to seconds: 64-px synthetic scenes, S=3, a few steps."""
+    config = demo.get_config()
+    config.data.synthetic_train = 16
+    config.data.synthetic_val = 8
+    config.data.synthetic_size = 64
+    config.data.train_res = 64
+    config.data.eval_res = 64
+    config.loss.feature_samples = 3
+    config.loss.neg_samples = 2
+    config.train.batch_size = 8
+    config.train.num_steps = 4
+    config.train.log_every = 2
+    config.train.eval_every = 0
+    config.train.image_every = 0
+    config.train.checkpoint_every = 2
+    config.train.report_baselines = False
+    config.eval.batch_size = 8
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    b, r = config.train.batch_size, config.data.train_res
+    n = config.data.n_classes
+
+    def image():
+        return rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8)
+
+    def depth():
+        return rng.uniform(0, 255, (b, r, r)).astype(np.float32)
+
+    def label():
+        return rng.integers(-1, n, (b, r, r)).astype(np.int32)
+
+    return {
+        "image": image(),
+        "depth": depth(),
+        "label": label(),
+        "image_pos": image(),
+        "depth_pos": depth(),
+        "label_pos": label(),
+    }
+
+
+def run_steps(config, devices, batches, num_side):
+    mesh = sharding.make_mesh(devices)
+    models = train.build_models(config)
+    k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
+    backbone = sharding.replicate(train.init_backbone(config, models, k_backbone), mesh)
+    state = sharding.replicate(train.create_train_state(config, models, k_state), mesh)
+    step_fn = train.make_train_step(config, models, mesh)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(
+            state, backbone, sharding.host_to_global(batch, mesh), k_step, num_side=num_side
+        )
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses, step_fn
+
+
+@pytest.mark.parametrize("sampling", ["fps", "random"])
+def test_step_is_device_count_independent(sampling):
+    config = tiny_config(**{"loss.sampling": sampling})
+    batches = [random_batch(config, s) for s in range(2)]
+    params1, losses1, _ = run_steps(config, jax.devices()[:1], batches, 3)
+    params8, losses8, _ = run_steps(config, jax.devices()[:8], batches, 3)
+    np.testing.assert_allclose(losses1, losses8, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(np.isfinite(losses1))
+
+
+def test_step_compiles_once_per_num_samples():
+    config = tiny_config()
+    batches = [random_batch(config, s) for s in range(3)]
+    mesh = sharding.make_mesh(jax.devices()[:2])
+    models = train.build_models(config)
+    k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
+    backbone = sharding.replicate(train.init_backbone(config, models, k_backbone), mesh)
+    state = sharding.replicate(train.create_train_state(config, models, k_state), mesh)
+    step_fn = train.make_train_step(config, models, mesh)
+    for batch in batches:
+        state, _ = step_fn(state, backbone, sharding.host_to_global(batch, mesh), k_step, 3)
+    assert step_fn._cache_size() == 1
+    state, _ = step_fn(state, backbone, sharding.host_to_global(batches[0], mesh), k_step, 2)
+    state, _ = step_fn(state, backbone, sharding.host_to_global(batches[1], mesh), k_step, 2)
+    assert step_fn._cache_size() == 2
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch():
+    config = tiny_config(**{"model.dropout": 0.0})
+    batch = random_batch(config, 0)
+    _, losses, _ = run_steps(config, jax.devices()[:1], [batch] * 8, 3)
+    assert losses[-1] < losses[0], losses
+
+
+def test_frozen_backbone_gets_no_update_and_is_not_in_the_state():
+    config = tiny_config()
+    models = train.build_models(config)
+    state = train.create_train_state(config, models, jax.random.key(1))
+    assert set(state.params) == {"head", "cluster_probe", "linear_probe"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"objective": "paper"}, "config.objective"),
+        ({"model.variant": "L/14"}, "config.model.variant"),
+        ({"data.name": "imagenet"}, "config.data.name"),
+        ({"data.train_res": 60}, "not divisible by the patch size"),
+        ({"loss.feature_samples": 9}, "exceed"),
+        ({"model.allow_random_backbone": False}, "models.convert"),
+        ({"data.name": "cocostuff27", "data.root": ""}, "config.data.root is empty"),
+        ({"data.name": "directory", "data.root": "/nonexistent/x"}, "is not a directory"),
+    ],
+)
+def test_config_errors_are_clear(overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.validate_config(tiny_config(**overrides))
+
+
+def test_batch_not_divisible_by_devices_is_refused():
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        sharding.check_batch_size(12, mesh, "config.train.batch_size")
+
+
+def test_train_and_evaluate_end_to_end(tmp_path):
+    from depthg_jax import checkpoint
+
+    config = tiny_config(**{"train.image_every": 4, "train.eval_every": 2})
+    results = train.train_and_evaluate(config, str(tmp_path))
+    for key in ("val/cluster_miou", "val/cluster_accuracy", "val/linear_miou"):
+        assert 0.0 <= results["trained"][key] <= 1.0
+    assert results["step"] == 4
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert any("loss" in line for line in lines)
+    assert os.listdir(tmp_path / "images")
+    assert os.listdir(tmp_path / "tensorboard")
+    cfg, params = checkpoint.load_export(str(tmp_path / "export"))
+    assert cfg.model.variant == "mu/8"
+    assert set(params) == set(checkpoint.EXPORT_PARAMS)
+    # A second call resumes at the end and does not train further.
+    again = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert again["step"] == 4
+    np.testing.assert_allclose(
+        again["trained"]["val/cluster_miou"], results["trained"]["val/cluster_miou"]
+    )
+
+
+def test_init_params_have_pytorch_default_scales():
+    config = tiny_config()
+    params = train.init_trainable(config, train.build_models(config), jax.random.key(0))
+    clusters = jax.tree.leaves(params["cluster_probe"])[0]
+    assert clusters.shape == (config.data.n_classes, config.model.dim)
+    assert abs(float(jnp.std(clusters)) - 1.0) < 0.35  # N(0, 1) centroids
