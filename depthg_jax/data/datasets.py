@@ -1,0 +1,462 @@
+"""Datasets: image / depth / label triples read from the user's local files.
+
+Every dataset is a list of `Record`s (id, image path, depth stem, label path) wrapped in an
+`ExampleSource`, a random-access source (``len`` and ``[i]``) that grain reads directly.
+Why grain random-access sources and not TFDS builders: the files already sit on local disk
+in their published layouts, so a source only lists paths and decodes on demand; there is no
+preparation step, no second copy of 20 GB of COCO, no TensorFlow, and grain's index-based
+sampling gives exact per-host sharding and checkpointable iterator state for free.
+
+Example dict (from every dataset)::
+
+    {"id": str, "image": uint8 (H,W,3), "depth": float32 (H,W), "label": int32 (H,W)}
+
+label is a class id in [0, n_classes) or -1 (ignore; all -1 when the dataset has no labels).
+Raw label values that the dataset's mapping does not know, and mapped ids >= n_classes, are
+set to -1, counted, and reported with a logged warning naming the image and the count.
+
+Depth files and their normalisation
+-----------------------------------
+Depth for an example lives at ``<depth stem>`` + one of these suffixes (first found wins):
+
+* ``_zoedepth.png``    8-bit PNG, 0 = nearest: used as is (a 16-bit PNG under this name is
+  treated like ``_zoedepth_16.png``).
+* ``_zoedepth_16.png`` 16-bit PNG, 0 = nearest: multiplied by 255/65535.
+* ``_depth.npy``       float array, 0 = nearest: per-image min-max normalised, times 255
+  (a constant map gives zeros).
+
+The result is always float32 in [0, 255], 0 = nearest, the same size as the image (another
+size is an error naming both sizes). A missing depth file is an error naming the image and
+the expected paths. Where each dataset expects its depth (``<split dir>`` as in its images):
+
+* ``directory``/``synthetic``: ``<root>/depth/<split>/<id>_zoedepth.png``
+* ``cocostuff27``:  ``<root>/depth/{train2017,val2017}/<image id>_zoedepth.png``
+* ``cityscapes27``: ``<root>/depth/<split>/<city>/<name>_leftImg8bit_zoedepth.png``
+* ``potsdam3``:     ``<root>/depth/<id>_zoedepth.png`` (ids from the split lists)
+
+The rule behind all of them: the image's path relative to the dataset's image folder
+(``images``, ``leftImg8bit``, ``imgs``), extension dropped, under ``<root>/depth/``. That is what
+``python -m depthg_jax.data.depth --images=<root>/<image folder> --out=<root>/depth`` writes.
+
+Dataset layouts (``root`` is the folder given as ``data.root``)
+-------------------------------------------------------------------
+* ``directory``: ``images/<split>/<id>.{jpg,jpeg,png}`` (ids may contain sub-folders),
+  optional ``labels/<split>/<id>.png`` (uint8 class ids, 255 = ignore).
+* ``cocostuff27``: ``images/{train2017,val2017}/<id>.jpg``, ``annotations/<same>/<id>.png``
+  (182 fine ids, 255 = ignore; mapped to 27 coarse classes as STEGO does). Image ids come
+  from the curated list ``Coco164kFull_Stuff_Coarse_7.txt`` (IIC / STEGO), looked up at
+  ``<root>/curated/<split dir>/`` and then in the repository's ``data/cocostuff27/curated/``.
+* ``cityscapes27``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
+  ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; labelIds 7..33 -> 0..26, others ignore.
+* ``potsdam3`` (STEGO's preprocessed Potsdam): ``imgs/<id>.mat`` (key ``img``, H,W,4 with
+  RGB first), ``gt/<id>.mat`` (key ``gt``, 6 fine classes, 255 = ignore) and split lists
+  ``labelled_train.txt`` (train), ``unlabelled_train.txt``, ``labelled_test.txt`` (val),
+  ``all.txt``. Fine -> coarse: roads+cars 0, buildings+clutter 1, trees+vegetation 2.
+* ``synthetic``: ``directory`` on a root written by `depthg_jax.data.synthetic`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "data"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEPTH_SUFFIXES = ("_zoedepth.png", "_zoedepth_16.png", "_depth.npy")
+IGNORE = -1
+_UNEXPECTED = -2  # Marks raw label values a dataset's mapping does not know.
+COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+COCO_SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
+POTSDAM_SPLIT_FILES = {
+    "train": ["labelled_train.txt"],
+    "unlabelled_train": ["unlabelled_train.txt"],
+    "val": ["labelled_test.txt"],
+    "train+val": ["labelled_train.txt", "labelled_test.txt"],
+    "all": ["all.txt"],
+}
+DATASET_NAMES = ("cocostuff27", "cityscapes27", "potsdam3", "directory", "synthetic")
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """Where one example's files are. label is None when the dataset has no labels."""
+
+    id: str
+    image: str
+    depth_stem: str
+    label: str | None = None
+
+
+# --- Readers ---------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+    """Reads an image file as uint8 (H,W,3) RGB; a corrupt or missing file names itself."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read image {path}: {e}") from e
+
+
+def read_label_png(path: str) -> np.ndarray:
+    """Reads a label PNG as its raw integer values (H,W)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read label {path}: {e}") from e
+
+
+def read_potsdam_image(path: str) -> np.ndarray:
+    """Reads a STEGO Potsdam .mat image (key 'img', H,W,4) as uint8 RGB (the IR band dropped)."""
+    from scipy.io import loadmat
+
+    try:
+        img = np.asarray(loadmat(path)["img"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"Cannot read Potsdam image {path}: {e}") from e
+    if img.ndim != 3 or img.shape[-1] < 3:
+        raise ValueError(f"Potsdam image {path} has shape {img.shape}, expected (H,W,>=3)")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return img
+
+
+def read_potsdam_label(path: str) -> np.ndarray:
+    """Reads a STEGO Potsdam .mat ground truth (key 'gt') as raw integer values (H,W)."""
+    from scipy.io import loadmat
+
+    try:
+        return np.asarray(loadmat(path)["gt"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"Cannot read Potsdam label {path}: {e}") from e
+
+
+def find_depth_file(depth_stem: str) -> str | None:
+    """Returns the first existing depth file for a stem (see module docstring), or None."""
+    for suffix in DEPTH_SUFFIXES:
+        if os.path.exists(depth_stem + suffix):
+            return depth_stem + suffix
+    return None
+
+
+def normalize_depth(raw: np.ndarray, path: str) -> np.ndarray:
+    """Maps a raw depth array to float32 [0,255], 0 = nearest, by the file's kind."""
+    if path.endswith(".npy"):
+        d = raw.astype(np.float64)
+        lo, hi = float(d.min()), float(d.max())
+        if hi <= lo:
+            return np.zeros(d.shape, np.float32)
+        return ((d - lo) / (hi - lo) * 255.0).astype(np.float32)
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float32)
+    if raw.dtype in (np.uint16, np.int32, np.uint32) or np.issubdtype(raw.dtype, np.integer):
+        return (raw.astype(np.float64) * (255.0 / 65535.0)).astype(np.float32)
+    raise ValueError(f"Depth file {path} has unsupported dtype {raw.dtype}")
+
+
+def read_depth(depth_stem: str, image_id: str = "") -> np.ndarray:
+    """Reads and normalises an example's depth map (float32 (H,W) in [0,255], 0 = nearest)."""
+    path = find_depth_file(depth_stem)
+    if path is None:
+        expected = ", ".join(depth_stem + s for s in DEPTH_SUFFIXES)
+        raise FileNotFoundError(
+            f"No depth map for image {image_id!r}: expected one of {expected}. "
+            "Generate depth with `python -m depthg_jax.data.depth`."
+        )
+    try:
+        if path.endswith(".npy"):
+            raw = np.load(path)
+        else:
+            with Image.open(path) as im:
+                raw = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Cannot read depth {path}: {e}") from e
+    if raw.ndim == 3:
+        raw = raw[..., 0]
+    if raw.ndim != 2:
+        raise ValueError(f"Depth {path} has shape {raw.shape}, expected (H,W)")
+    return normalize_depth(raw, path)
+
+
+# --- Label mappings --------------------------------------------------------------------------
+
+
+def load_dataset_info(name: str) -> dict:
+    """Loads a dataset's class names, colours and mappings from data/<name>.json."""
+    path = ASSETS_DIR / f"{name}.json"
+    with open(path) as f:
+        return json.load(f)
+
+
+def make_label_lut(mapping: dict[int, int], ignore_values: Sequence[int] = (255,)) -> np.ndarray:
+    """A 256-entry lookup table raw -> class id; ignore_values -> -1, anything else unexpected."""
+    lut = np.full(256, _UNEXPECTED, np.int32)
+    for raw, cls in mapping.items():
+        lut[raw] = cls
+    for raw in ignore_values:
+        lut[raw] = IGNORE
+    return lut
+
+
+def identity_lut(n_classes: int) -> np.ndarray:
+    """Lookup table for labels that are class ids already (255 = ignore)."""
+    return make_label_lut({i: i for i in range(min(n_classes, 255))})
+
+
+def coco_lut() -> np.ndarray:
+    """COCO-Stuff 182 fine ids -> 27 coarse classes (STEGO's mapping), 255 -> ignore."""
+    fine_to_coarse = load_dataset_info("cocostuff27")["fine_to_coarse"]
+    return make_label_lut(dict(enumerate(fine_to_coarse)))
+
+
+def cityscapes_lut() -> np.ndarray:
+    """Cityscapes labelIds 7..33 -> 0..26; every other id (void classes) -> ignore."""
+    lut = np.full(256, IGNORE, np.int32)
+    lut[7:34] = np.arange(27)
+    return lut
+
+
+def potsdam_lut() -> np.ndarray:
+    """Potsdam 6 fine classes -> 3 coarse (STEGO): {0,4} -> 0, {1,5} -> 1, {2,3} -> 2."""
+    fine_to_coarse = load_dataset_info("potsdam3")["fine_to_coarse"]
+    return make_label_lut(dict(enumerate(fine_to_coarse)))
+
+
+def map_labels(raw: np.ndarray, lut: np.ndarray, n_classes: int) -> tuple[np.ndarray, int]:
+    """Maps raw label values to class ids; returns (labels int32 with -1 = ignore, #bad pixels).
+
+    Bad pixels: raw values outside the lookup table's known values, or mapped ids >= n_classes.
+    """
+    raw = np.asarray(raw)
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+        inside = (raw >= 0) & (raw <= 255)
+        mapped = np.where(inside, lut[np.clip(raw, 0, 255)], _UNEXPECTED)
+    else:
+        mapped = lut[raw.astype(np.intp)]
+    bad = (mapped == _UNEXPECTED) | (mapped >= n_classes)
+    n_bad = int(bad.sum())
+    return np.where(bad, IGNORE, mapped).astype(np.int32), n_bad
+
+
+# --- The source ------------------------------------------------------------------------------
+
+
+class ExampleSource:
+    """Random-access source of example dicts (grain's RandomAccessDataSource protocol)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        *,
+        n_classes: int,
+        label_lut: np.ndarray,
+        name: str,
+        read_image_fn: Callable[[str], np.ndarray] = read_image,
+        read_label_fn: Callable[[str], np.ndarray] = read_label_png,
+    ):
+        if not records:
+            raise ValueError(f"Dataset {name!r} has no examples")
+        self.records = list(records)
+        self.n_classes = n_classes
+        self.label_lut = label_lut
+        self.name = name
+        self.read_image_fn = read_image_fn
+        self.read_label_fn = read_label_fn
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"ExampleSource({self.name!r}, {len(self)} examples)"
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = self.read_image_fn(rec.image)
+        h, w = image.shape[:2]
+        depth = read_depth(rec.depth_stem, rec.id)
+        if depth.shape != (h, w):
+            raise ValueError(
+                f"Depth of {rec.id!r} ({find_depth_file(rec.depth_stem)}) is "
+                f"{depth.shape[0]}x{depth.shape[1]} (HxW) but the image {rec.image} is {h}x{w}"
+            )
+        if rec.label is None:
+            label = np.full((h, w), IGNORE, np.int32)
+        else:
+            raw = self.read_label_fn(rec.label)
+            if raw.ndim == 3:
+                raw = raw[..., 0]
+            if raw.shape != (h, w):
+                raise ValueError(
+                    f"Label {rec.label} is {raw.shape[0]}x{raw.shape[1]} (HxW) but the image "
+                    f"{rec.image} is {h}x{w}"
+                )
+            label, n_bad = map_labels(raw, self.label_lut, self.n_classes)
+            if n_bad:
+                log.warning(
+                    "%s: %d label pixels of %s are outside the %d classes; set to ignore (-1)",
+                    self.name,
+                    n_bad,
+                    rec.label,
+                    self.n_classes,
+                )
+        return {"id": rec.id, "image": image, "depth": depth, "label": label}
+
+
+# --- Listing each dataset's records ----------------------------------------------------------
+
+
+def list_directory_records(root: str, split: str) -> list[Record]:
+    """Records of a `directory` dataset: every image under images/<split>/, sorted by id."""
+    image_dir = os.path.join(root, "images", split)
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"No image folder {image_dir} (directory dataset, split {split!r})")
+    label_dir = os.path.join(root, "labels", split)
+    has_labels = os.path.isdir(label_dir)
+    found: dict[str, str] = {}
+    for dirpath, _, files in os.walk(image_dir):
+        for fn in files:
+            stem, ext = os.path.splitext(fn)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, stem), image_dir).replace(os.sep, "/")
+            if rel in found:
+                raise ValueError(f"Two images share id {rel!r}: {found[rel]} and {fn}")
+            found[rel] = os.path.join(dirpath, fn)
+    if not found:
+        raise ValueError(f"Empty split: no .jpg/.jpeg/.png images under {image_dir}")
+    records = []
+    for image_id in sorted(found):
+        label = None
+        if has_labels:
+            label = os.path.join(label_dir, image_id + ".png")
+            if not os.path.exists(label):
+                raise FileNotFoundError(f"Image {found[image_id]} has no label file {label}")
+        depth_stem = os.path.join(root, "depth", split, image_id)
+        records.append(Record(image_id, found[image_id], depth_stem, label))
+    return records
+
+
+def _read_id_list(paths: Sequence[str]) -> list[str]:
+    for p in paths:
+        if os.path.exists(p):
+            with open(p) as f:
+                return [line.strip() for line in f if line.strip()]
+    raise FileNotFoundError(f"No image list found; looked for {', '.join(paths)}")
+
+
+def list_coco_records(root: str, split: str) -> list[Record]:
+    """Records of COCO-Stuff-27 over STEGO's curated list for the split ("train"/"val")."""
+    split_dir = COCO_SPLIT_DIRS.get(split, split)
+    ids = _read_id_list(
+        [
+            os.path.join(root, "curated", split_dir, COCO_CURATED_LIST),
+            str(ASSETS_DIR / "cocostuff27" / "curated" / split_dir / COCO_CURATED_LIST),
+        ]
+    )
+    if not ids:
+        raise ValueError(f"Empty split: the curated list for {split_dir} has no ids")
+    return [
+        Record(
+            i,
+            os.path.join(root, "images", split_dir, i + ".jpg"),
+            os.path.join(root, "depth", split_dir, i),
+            os.path.join(root, "annotations", split_dir, i + ".png"),
+        )
+        for i in ids
+    ]
+
+
+def list_cityscapes_records(root: str, split: str) -> list[Record]:
+    """Records of Cityscapes (fine annotations), ids '<city>/<name>', sorted."""
+    image_dir = os.path.join(root, "leftImg8bit", split)
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"No Cityscapes image folder {image_dir}")
+    records = []
+    for city in sorted(os.listdir(image_dir)):
+        city_dir = os.path.join(image_dir, city)
+        if not os.path.isdir(city_dir):
+            continue
+        for fn in sorted(os.listdir(city_dir)):
+            if not fn.endswith("_leftImg8bit.png"):
+                continue
+            name = fn[: -len("_leftImg8bit.png")]
+            label = os.path.join(root, "gtFine", split, city, name + "_gtFine_labelIds.png")
+            if not os.path.exists(label):
+                raise FileNotFoundError(f"Image {os.path.join(city_dir, fn)} has no label {label}")
+            depth_stem = os.path.join(root, "depth", split, city, fn[: -len(".png")])
+            records.append(Record(f"{city}/{name}", os.path.join(city_dir, fn), depth_stem, label))
+    if not records:
+        raise ValueError(f"Empty split: no *_leftImg8bit.png under {image_dir}")
+    return records
+
+
+def list_potsdam_records(root: str, split: str) -> list[Record]:
+    """Records of STEGO's Potsdam over the split's list files; unlabelled ids have no label."""
+    if split not in POTSDAM_SPLIT_FILES:
+        raise ValueError(f"Unknown Potsdam split {split!r}; one of {sorted(POTSDAM_SPLIT_FILES)}")
+    ids: list[str] = []
+    for fn in POTSDAM_SPLIT_FILES[split]:
+        ids += _read_id_list([os.path.join(root, fn)])
+    if not ids:
+        raise ValueError(f"Empty split: Potsdam split {split!r} lists no ids")
+    records = []
+    for i in ids:
+        label = os.path.join(root, "gt", i + ".mat")
+        records.append(
+            Record(
+                i,
+                os.path.join(root, "imgs", i + ".mat"),
+                os.path.join(root, "depth", i),
+                label if os.path.exists(label) else None,
+            )
+        )
+    return records
+
+
+def list_records(name: str, root: str, split: str) -> list[Record]:
+    """Records of a named dataset's split (see the module docstring for each layout)."""
+    if name in ("directory", "synthetic"):
+        return list_directory_records(root, split)
+    if name == "cocostuff27":
+        return list_coco_records(root, split)
+    if name == "cityscapes27":
+        return list_cityscapes_records(root, split)
+    if name == "potsdam3":
+        return list_potsdam_records(root, split)
+    raise ValueError(f"Unknown dataset {name!r}; one of {DATASET_NAMES}")
+
+
+def make_source(name: str, root: str, split: str, n_classes: int) -> ExampleSource:
+    """The random-access example source of a dataset split."""
+    if not root:
+        raise ValueError(f"Dataset {name!r} needs data.root (the dataset folder)")
+    records = list_records(name, root, split)
+    readers: dict = {}
+    if name == "cocostuff27":
+        lut = coco_lut()
+    elif name == "cityscapes27":
+        lut = cityscapes_lut()
+    elif name == "potsdam3":
+        lut = potsdam_lut()
+        readers = {"read_image_fn": read_potsdam_image, "read_label_fn": read_potsdam_label}
+    else:
+        lut = identity_lut(n_classes)
+    return ExampleSource(
+        records, n_classes=n_classes, label_lut=lut, name=f"{name}:{split}", **readers
+    )

@@ -1,0 +1,42 @@
+"""The train/eval transform (SPEC §8) shared by the pipeline and the KNN command.
+
+Resize the shorter side to R with nearest-neighbour sampling (pixel centres, as PIL's
+NEAREST; the longer side becomes int(R * long / short) as torchvision's Resize), then centre
+crop R x R (top = round((h' - R) / 2)). Image, depth and label are sampled at the same
+pixels, so they stay aligned. Only the R x R output pixels are gathered.
+"""
+
+import numpy as np
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def compute_resize_crop_indices(h: int, w: int, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows and columns of the res x res output of resize-shorter-side + centre crop."""
+    if h <= w:
+        new_h, new_w = res, int(res * w / h)
+    else:
+        new_h, new_w = int(res * h / w), res
+    top = int(round((new_h - res) / 2.0))
+    left = int(round((new_w - res) / 2.0))
+    rows = np.floor((top + np.arange(res) + 0.5) * (h / new_h)).astype(np.intp)
+    cols = np.floor((left + np.arange(res) + 0.5) * (w / new_w)).astype(np.intp)
+    return np.minimum(rows, h - 1), np.minimum(cols, w - 1)
+
+
+def resize_center_crop(example: dict, res: int) -> dict:
+    """Applies the train/eval transform to an example's image, depth and label (same pixels)."""
+    h, w = example["image"].shape[:2]
+    rows, cols = compute_resize_crop_indices(h, w, res)
+    grid = np.ix_(rows, cols)
+    return {
+        "image": example["image"][grid],
+        "depth": example["depth"][grid].astype(np.float32),
+        "label": example["label"][grid].astype(np.int32),
+    }
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (...,3) RGB -> float32 ImageNet-normalised (what the DINO backbone expects)."""
+    return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
