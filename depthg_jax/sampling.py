@@ -256,7 +256,8 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
         dist = (rows[0] - rows[0, last]) ** 2
         for d in range(1, rows.shape[0]):
             dist = dist + (rows[d] - rows[d, last]) ** 2
-        min_dist = jnp.minimum(min_dist, dist)
+        # fmin ignores NaN (non-finite depth): a selected point's -1 is never lost.
+        min_dist = jnp.fmin(min_dist, dist)
         chosen = jnp.argmax(min_dist).astype(jnp.int32)  # first index on ties
         return indices.at[i].set(chosen), min_dist.at[chosen].set(-1), chosen
 
