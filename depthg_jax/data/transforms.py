@@ -3,7 +3,9 @@
 Resize the shorter side to R with nearest-neighbour sampling (pixel centres, as PIL's
 NEAREST; the longer side becomes int(R * long / short) as torchvision's Resize), then centre
 crop R x R (top = round((h' - R) / 2)). Image, depth and label are sampled at the same
-pixels, so they stay aligned. Only the R x R output pixels are gathered.
+pixels, so they stay aligned. Only the R x R output pixels are gathered. Source indices are
+computed exactly; PIL's 16.16 fixed point differs (rounds down) only when an output pixel
+centre falls exactly on a source pixel edge.
 """
 
 import numpy as np
@@ -20,8 +22,9 @@ def compute_resize_crop_indices(h: int, w: int, res: int) -> tuple[np.ndarray, n
         new_h, new_w = int(res * h / w), res
     top = int(round((new_h - res) / 2.0))
     left = int(round((new_w - res) / 2.0))
-    rows = np.floor((top + np.arange(res) + 0.5) * (h / new_h)).astype(np.intp)
-    cols = np.floor((left + np.arange(res) + 0.5) * (w / new_w)).astype(np.intp)
+    # Pixel-centre nearest, in exact integer arithmetic: floor((2i + 1) * h / (2 * new_h)).
+    rows = ((2 * (top + np.arange(res)) + 1) * h) // (2 * new_h)
+    cols = ((2 * (left + np.arange(res)) + 1) * w) // (2 * new_w)
     return np.minimum(rows, h - 1), np.minimum(cols, w - 1)
 
 
