@@ -1,0 +1,459 @@
+"""Depth maps for a whole image folder, resumable, never touching the images.
+
+Usage
+-----
+Install the optional extra once (transformers + torch; the rest of depthg-jax does not need it):
+
+    pip install -e '.[depth]'
+
+Then, for each dataset, point `--images` at its image folder and `--out` at the depth folder
+the dataset reads. Sub-folders of `--images` are mirrored under `--out`:
+
+    # `directory` layout: <root>/images/<split>/<id>.png -> <root>/depth/<split>/<id>_zoedepth.png
+    python -m depthg_jax.data.depth --images=ROOT/images --out=ROOT/depth
+    # COCO-Stuff: images/train2017/*.jpg -> depth/train2017/*_zoedepth.png
+    python -m depthg_jax.data.depth --images=COCO/images --out=COCO/depth
+    # Cityscapes: leftImg8bit/<split>/<city>/*.png -> depth/<split>/<city>/*_zoedepth.png
+    python -m depthg_jax.data.depth --images=CITYSCAPES/leftImg8bit --out=CITYSCAPES/depth
+    # Potsdam: imgs/*.mat (or .png) -> depth/*_zoedepth.png
+    python -m depthg_jax.data.depth --images=POTSDAM/imgs --out=POTSDAM/depth
+
+Flags: `--model` a Hugging Face hub name (needs network the first time, then cached) or a
+local directory written by `save_pretrained` / `hf download NAME --local-dir DIR`; default
+Depth Anything V2 Small. Any transformers depth-estimation model works (Depth Anything,
+DPT/MiDaS, ZoeDepth, GLPN, Depth Pro). `--batch-size` images per forward pass (default 8).
+`--format` png8 (default, what DepthG trains on), png16 or npy. `--device` auto (GPU if
+present), cpu or cuda. `--nearest-is` overrides which end of the model's output is near.
+
+Output files (see `depth_io`): png8 `<id>_zoedepth.png`, uint8, per-image min-max normalised,
+floor(x·255), 0 = nearest; png16 `<id>_zoedepth_16.png`, the same ×65535; npy `<id>_depth.npy`,
+float32, larger = farther, not normalised. Depth Anything (relative) and DPT/MiDaS predict
+inverse depth (large = near) and are flipped; ZoeDepth, GLPN, Depth Pro and Depth Anything
+metric predict depth (large = far) and are kept. Each map has its image's size: one forward
+pass per image at the model's resolution, no gradients, then bicubic resize.
+
+Safety: files are written atomically (temporary file + rename) and only under `--out`;
+`--out` inside `--images` is refused. Existing outputs are skipped, so rerunning after an
+interruption resumes, and a finished folder costs nothing (the model is not even loaded).
+Unreadable images are reported and skipped; the summary lists written / skipped / failed and
+the exit code is 1 if anything failed (2 for bad arguments or an unloadable model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import inspect
+import os
+import socket
+import sys
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from depthg_jax.data import depth_io
+from depthg_jax.data.depth_io import NearestIs
+
+DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+EXTRA_HINT = "pip install -e '.[depth]'  (installs requirements-depth.txt: transformers, torch)"
+# Model types whose output is depth (large = far) or inverse depth (large = near).
+_DEPTH_TYPES = {"zoedepth", "glpn", "depth_pro"}
+_INVERSE_DEPTH_TYPES = {"dpt"}  # DPT checkpoints on the hub are MiDaS: relative inverse depth.
+
+
+class DepthGenError(Exception):
+    """A problem with the arguments or the model; the command exits with status 2."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did: counts and, for each failed image, the reason."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class DepthModel:
+    """A loaded transformers depth estimator with its preprocessing and output orientation."""
+
+    model: Any
+    processor: Any
+    nearest_is: NearestIs
+    device: Any
+
+
+@dataclasses.dataclass
+class _Item:
+    rel: Path
+    out_path: Path
+    size: tuple[int, int] = (0, 0)  # (H, W) of the input image.
+    pixel_values: Any = None  # (1, 3, h, w) torch tensor from the processor.
+    error: str | None = None
+
+
+def import_backend() -> tuple[Any, Any]:
+    """Imports torch and transformers, or raises DepthGenError naming the optional extra."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise DepthGenError(
+            f"depth generation needs the optional 'depth' extra ({e.name} is missing): {EXTRA_HINT}"
+        ) from e
+    return torch, transformers
+
+
+def infer_nearest_is(config: Any) -> NearestIs:
+    """Which end of a transformers depth model's raw output is near, from its config.
+
+    "large" for inverse depth (Depth Anything relative, DPT/MiDaS), "small" for depth
+    (Depth Anything metric, ZoeDepth, GLPN, Depth Pro). Unknown types raise DepthGenError.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("depth_anything", "prompt_depth_anything"):
+        kind = getattr(config, "depth_estimation_type", "relative")
+        return "large" if kind == "relative" else "small"
+    if model_type in _INVERSE_DEPTH_TYPES:
+        return "large"
+    if model_type in _DEPTH_TYPES:
+        return "small"
+    raise DepthGenError(
+        f"cannot tell whether model type {model_type!r} predicts depth or inverse depth; "
+        "pass --nearest-is=small (depth, large = far) or --nearest-is=large (disparity)"
+    )
+
+
+def resolve_device(torch: Any, device: str) -> Any:
+    """'auto' → CUDA if available else CPU; 'cuda' without a GPU raises DepthGenError."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DepthGenError(f"--device={device} asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect: avoids minutes of download retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def load_depth_model(
+    name_or_path: str = DEFAULT_MODEL, device: str = "auto", nearest_is: NearestIs | None = None
+) -> DepthModel:
+    """Loads `AutoModelForDepthEstimation` + `AutoImageProcessor` by hub name or local path.
+
+    Local directories load without network. A hub name is looked up in the local cache
+    first; if missing and the hub is unreachable, or the name is unknown, DepthGenError says
+    how to pass a local path. `nearest_is` overrides the orientation read from the config.
+    """
+    torch, transformers = import_backend()
+    local = _looks_like_path(name_or_path)
+    if local:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise DepthGenError(
+                f"--model={name_or_path}: no such directory; pass a folder written by "
+                "save_pretrained (config.json, weights, preprocessor_config.json) or a hub name"
+            )
+        name_or_path = str(path)
+
+    def load(local_only: bool) -> tuple[Any, Any]:
+        processor = transformers.AutoImageProcessor.from_pretrained(
+            name_or_path, local_files_only=local_only
+        )
+        model = transformers.AutoModelForDepthEstimation.from_pretrained(
+            name_or_path, local_files_only=local_only
+        )
+        return model, processor
+
+    how = (
+        "pass --model=DIR, a local folder holding the model (on a machine with network: "
+        f"`hf download {name_or_path} --local-dir DIR`, or save_pretrained)"
+    )
+    try:
+        model, processor = load(local_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        if local:
+            raise DepthGenError(f"could not load depth model from {name_or_path}: {e}") from e
+        if not _hub_reachable():
+            raise DepthGenError(
+                f"depth model {name_or_path!r} is not in the local Hugging Face cache and the hub "
+                f"is unreachable (no network or HF_HUB_OFFLINE set); {how}"
+            ) from e
+        try:
+            model, processor = load(local_only=False)
+        except (OSError, ValueError, KeyError) as e2:
+            raise DepthGenError(
+                f"could not load depth model {name_or_path!r} (unknown hub name, or not a "
+                f"depth-estimation model?): {e2}; check the name or {how}"
+            ) from e2
+    dev = resolve_device(torch, device)
+    model.to(dev).eval()
+    return DepthModel(model, processor, nearest_is or infer_nearest_is(model.config), dev)
+
+
+def check_locations(images_dir: Path, out_dir: Path) -> None:
+    """Refuses an --out that is --images or lies inside it (outputs would mix with inputs)."""
+    if not images_dir.is_dir():
+        raise DepthGenError(f"--images={images_dir}: not a directory")
+    if depth_io.is_within(out_dir, images_dir):
+        raise DepthGenError(
+            f"--out={out_dir} is inside --images={images_dir}; choose a folder outside the "
+            "images (e.g. a sibling 'depth' folder) so inputs are never touched"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DepthGenError(f"--out={out_dir} exists and is not a directory")
+
+
+def plan_outputs(images_dir: Path, out_dir: Path, fmt: str) -> tuple[list[_Item], int]:
+    """Lists the images still to do (output missing) and counts those already done."""
+    rels = depth_io.discover_images(images_dir)
+    collisions = depth_io.find_output_collisions(rels, fmt)
+    if collisions:
+        out, ins = next(iter(collisions.items()))
+        raise DepthGenError(
+            f"{len(collisions)} outputs would be written by several images, e.g. {out} by "
+            f"{', '.join(map(str, ins))}; keep one image per name"
+        )
+    todo, done = [], 0
+    nested = depth_io.is_within(images_dir, out_dir)
+    for rel in rels:
+        out_path = out_dir / depth_io.map_output_path(rel, fmt)
+        # --images inside --out: an output must still never land in the images' tree.
+        if nested and depth_io.is_within(out_path.parent, images_dir):
+            raise DepthGenError(f"output {out_path} would lie inside --images={images_dir}")
+        if out_path.exists():
+            done += 1
+        else:
+            todo.append(_Item(rel, out_path))
+    return todo, done
+
+
+def _prepare(item: _Item, images_dir: Path, processor: Any) -> _Item:
+    """Reads and preprocesses one image (runs in a worker thread); errors are recorded."""
+    try:
+        image = depth_io.read_image(images_dir / item.rel)
+        item.size = image.shape[:2]
+        item.pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    except Exception as e:  # Any unreadable file is reported, the run goes on.
+        item.error = f"unreadable image: {type(e).__name__}: {e}"
+    return item
+
+
+def _post_process(dm: DepthModel, predicted: Any, items: Sequence[_Item]) -> list[np.ndarray]:
+    """Model output → one (H, W) float32 map per item, at the input image's size."""
+    sizes = [tuple(int(s) for s in it.size) for it in items]
+    post = getattr(dm.processor, "post_process_depth_estimation", None)
+    if post is None:  # Older processors: resize ourselves, bicubic like the pipelines.
+        import torch
+
+        maps = [
+            torch.nn.functional.interpolate(p[None, None], size=s, mode="bicubic")[0, 0]
+            for p, s in zip(predicted.predicted_depth, sizes, strict=True)
+        ]
+    else:
+        kwargs: dict[str, Any] = {"target_sizes": sizes}
+        if "source_sizes" in inspect.signature(post).parameters:
+            kwargs["source_sizes"] = sizes  # ZoeDepth: removes its reflection padding.
+        maps = [r["predicted_depth"] for r in post(predicted, **kwargs)]
+    return [m.float().cpu().numpy().reshape(s) for m, s in zip(maps, sizes, strict=True)]
+
+
+def predict_depth(dm: DepthModel, items: Sequence[_Item]) -> list[np.ndarray]:
+    """One no-grad forward for items whose preprocessed tensors share a shape."""
+    import torch
+
+    batch = torch.cat([it.pixel_values for it in items]).to(dm.device)
+    with torch.inference_mode():
+        out = dm.model(pixel_values=batch)
+    return _post_process(dm, out, items)
+
+
+def _prefetch(
+    items: Sequence[_Item], prepare: Callable[[_Item], _Item], pool: ThreadPoolExecutor, depth: int
+) -> Iterator[_Item]:
+    """Prepares items in the pool, at most `depth` ahead, yielding them in order."""
+    queue: collections.deque[Future] = collections.deque()
+    it = iter(items)
+    for item in it:
+        queue.append(pool.submit(prepare, item))
+        if len(queue) >= depth:
+            break
+    while queue:
+        yield queue.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append(pool.submit(prepare, nxt))
+
+
+def generate_depth(
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | DepthModel = DEFAULT_MODEL,
+    *,
+    fmt: str = "png8",
+    batch_size: int = 8,
+    device: str = "auto",
+    nearest_is: NearestIs | None = None,
+    progress: bool = True,
+    on_image_done: Callable[[Path, Path], None] | None = None,
+) -> Summary:
+    """Writes one depth file under `out_dir` for every image under `images_dir` lacking one.
+
+    `model` is a hub name, a local path or an already loaded DepthModel (loaded only if
+    there is work to do). Images whose preprocessed tensors share a shape are batched, up to
+    `batch_size`, in one forward pass. `on_image_done(rel, out_path)` runs after each write.
+    Raises DepthGenError for bad locations, formats or models; per-image failures are
+    collected in the returned Summary instead.
+    """
+    if fmt not in depth_io.FORMATS:
+        raise DepthGenError(f"--format={fmt}: expected one of {', '.join(depth_io.FORMATS)}")
+    if batch_size < 1:
+        raise DepthGenError(f"--batch-size={batch_size}: must be at least 1")
+    images_dir, out_dir = Path(images_dir).expanduser(), Path(out_dir).expanduser()
+    check_locations(images_dir, out_dir)
+    todo, done = plan_outputs(images_dir, out_dir, fmt)
+    summary = Summary(skipped=done)
+    print(
+        f"depth: {len(todo) + done} images under {images_dir}, {done} already done, "
+        f"{len(todo)} to write into {out_dir}",
+        file=sys.stderr,
+    )
+    if not todo:
+        return summary
+    dm = model if isinstance(model, DepthModel) else load_depth_model(model, device, nearest_is)
+    if nearest_is is not None:
+        dm.nearest_is = nearest_is
+
+    bar = tqdm(total=len(todo), unit="img", desc="depth", disable=not progress, file=sys.stderr)
+
+    def finish(items: list[_Item]) -> None:
+        try:
+            maps = predict_depth(dm, items)
+        except Exception as e:
+            if len(items) > 1:  # Isolate the image that breaks the batch.
+                for item in items:
+                    finish([item])
+                return
+            items[0].error = f"depth model failed: {type(e).__name__}: {e}"
+            record(items[0])
+            return
+        for item, depth in zip(items, maps, strict=True):
+            try:
+                depth_io.save_depth(item.out_path, depth_io.encode_depth(depth, fmt, dm.nearest_is))
+            except (OSError, ValueError) as e:
+                item.error = f"could not write {item.out_path}: {type(e).__name__}: {e}"
+            record(item)
+
+    def record(item: _Item) -> None:
+        item.pixel_values = None
+        if item.error is None:
+            summary.written += 1
+            if on_image_done is not None:
+                on_image_done(item.rel, item.out_path)
+        else:
+            summary.failed.append((item.rel, item.error))
+            tqdm.write(f"depth: {item.rel}: {item.error}", file=sys.stderr)
+        bar.update(1)
+
+    # Group by preprocessed shape (images of other aspect ratios cannot share a batch) and
+    # bound what waits in memory: past 2 batches pending, the fullest group runs.
+    groups: dict[tuple[int, ...], list[_Item]] = {}
+    workers = max(1, min(4, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="depth-read")
+    try:
+        prepare = lambda item: _prepare(item, images_dir, dm.processor)
+        for item in _prefetch(todo, prepare, pool, depth=2 * batch_size):
+            if item.error is not None:
+                record(item)
+                continue
+            group = groups.setdefault(tuple(item.pixel_values.shape), [])
+            group.append(item)
+            if len(group) >= batch_size:
+                finish(groups.pop(tuple(item.pixel_values.shape)))
+            elif sum(map(len, groups.values())) > 2 * batch_size:
+                finish(groups.pop(max(groups, key=lambda k: len(groups[k]))))
+        for key in list(groups):
+            finish(groups.pop(key))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return summary
+
+
+def report(summary: Summary) -> None:
+    """Prints the written / skipped / failed summary, failures listed by file."""
+    print(
+        f"depth: written {summary.written}, skipped {summary.skipped} (already present), "
+        f"failed {len(summary.failed)}",
+        file=sys.stderr,
+    )
+    for rel, why in summary.failed:
+        print(f"  failed: {rel}: {why}", file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command-line flags (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m depthg_jax.data.depth",
+        description="Write a monocular depth map for every image of a folder (resumable).",
+    )
+    parser.add_argument("--images", required=True, help="folder of input images (walked)")
+    parser.add_argument("--out", required=True, help="output folder, mirrors --images' tree")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub name or local folder")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--format", default="png8", choices=depth_io.FORMATS)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--nearest-is",
+        default=None,
+        choices=("small", "large"),
+        help="override: which end of the model's raw output is near (default: from the model)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns 0 (all written or present), 1 (some images failed) or 2."""
+    args = parse_args(argv)
+    try:
+        summary = generate_depth(
+            args.images,
+            args.out,
+            args.model,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            device=args.device,
+            nearest_is=args.nearest_is,
+            progress=not args.no_progress,
+        )
+    except DepthGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report(summary)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

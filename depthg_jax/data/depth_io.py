@@ -1,0 +1,198 @@
+"""Depth-map files: discovery of input images, output naming, conversion and atomic writes.
+
+Pure NumPy / Pillow; no torch or transformers here, so the dataset code can import it.
+The command that fills these files with model predictions is `depthg_jax.data.depth`.
+
+File formats (one file per input image `<rel>/<id>.<ext>`, same size as the image):
+  png8   `<rel>/<id>_zoedepth.png`     uint8, per-image min-max, floor(x·255), 0 = nearest.
+  png16  `<rel>/<id>_zoedepth_16.png`  uint16, per-image min-max, floor(x·65535), 0 = nearest.
+  npy    `<rel>/<id>_depth.npy`        float32, not normalised, larger = farther.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+NearestIs = Literal["small", "large"]
+FORMATS = ("png8", "png16", "npy")
+OUTPUT_SUFFIXES = {"png8": "_zoedepth.png", "png16": "_zoedepth_16.png", "npy": "_depth.npy"}
+# Potsdam ships its tiles as MATLAB files (key "img"); everything else is a Pillow image.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".mat")
+# Our own outputs never count as inputs, so a depth folder is never mistaken for images.
+_OUTPUT_MARKERS = ("_zoedepth", "_zoedepth_16", "_depth")
+
+
+def discover_images(images_dir: str | os.PathLike) -> list[Path]:
+    """Returns every image under `images_dir` as a path relative to it, sorted.
+
+    Walks sub-folders (not symlinked ones), skips hidden files and folders and files that are
+    already depth outputs (`*_zoedepth.png`, `*_zoedepth_16.png`, `*_depth.npy`).
+    """
+    root = Path(images_dir)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(name)
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.stem.endswith(_OUTPUT_MARKERS):
+                continue
+            found.append((Path(dirpath) / name).relative_to(root))
+    return sorted(found)
+
+
+def map_output_path(rel: str | os.PathLike, fmt: str = "png8") -> Path:
+    """Maps an input image path relative to --images to its depth file relative to --out.
+
+    `train/a/x.jpg` → `train/a/x_zoedepth.png` (png8), `x_zoedepth_16.png` (png16), `x_depth.npy`.
+    """
+    if fmt not in OUTPUT_SUFFIXES:
+        raise ValueError(f"unknown depth format {fmt!r}; expected one of {FORMATS}")
+    rel = Path(rel)
+    return rel.parent / (rel.stem + OUTPUT_SUFFIXES[fmt])
+
+
+def find_output_collisions(rels: Iterable[Path], fmt: str) -> dict[Path, list[Path]]:
+    """Returns output paths claimed by more than one input (e.g. `x.jpg` and `x.png`)."""
+    claims: dict[Path, list[Path]] = {}
+    for rel in rels:
+        claims.setdefault(map_output_path(rel, fmt), []).append(rel)
+    return {out: ins for out, ins in claims.items() if len(ins) > 1}
+
+
+def is_within(path: Path, parent: Path) -> bool:
+    """Whether `path` is `parent` or lies below it, after resolving symlinks."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(parent))
+
+
+def normalize_depth(depth: np.ndarray, nearest_is: NearestIs = "small") -> np.ndarray:
+    """Per-image min-max normalisation to [0, 1] with 0 = nearest, as float64 (H, W).
+
+    `nearest_is` says which end of the model's output is near: "small" for depth (ZoeDepth,
+    metric models), "large" for inverse depth / disparity (Depth Anything relative, MiDaS/DPT).
+    A constant map becomes all zeros.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be a 2-D (H, W) map, got shape {depth.shape}")
+    if nearest_is not in ("small", "large"):
+        raise ValueError(f"nearest_is must be 'small' or 'large', got {nearest_is!r}")
+    if not np.all(np.isfinite(depth)):
+        raise ValueError(f"depth map has {int(np.sum(~np.isfinite(depth)))} non-finite values")
+    lo, hi = depth.min(), depth.max()
+    if hi <= lo:
+        return np.zeros_like(depth)
+    unit = (depth - lo) / (hi - lo)
+    return 1.0 - unit if nearest_is == "large" else unit
+
+
+def depth_to_png8(depth: np.ndarray, nearest_is: NearestIs = "small") -> np.ndarray:
+    """Depth (H, W) → uint8 (H, W): min-max normalised, 0 = nearest, floor(x·255) as DepthG's own
+    generator wrote them (so only the farthest pixel is 255)."""
+    return np.floor(normalize_depth(depth, nearest_is) * 255.0).astype(np.uint8)
+
+
+def depth_to_png16(depth: np.ndarray, nearest_is: NearestIs = "small") -> np.ndarray:
+    """Depth (H, W) → uint16 (H, W): min-max normalised, 0 = nearest, floor(x·65535)."""
+    return np.floor(normalize_depth(depth, nearest_is) * 65535.0).astype(np.uint16)
+
+
+def depth_to_far_positive(depth: np.ndarray, nearest_is: NearestIs = "small") -> np.ndarray:
+    """Depth (H, W) → float32 (H, W) oriented so larger = farther, otherwise unnormalised.
+
+    Depth models ("small" = near) keep their values (metres for metric models). Inverse-depth
+    models ("large" = near) are flipped as max(d) − d: the nearest point becomes 0 and the
+    ordering is right, but the values are not metric (relative disparity has no true scale).
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be a 2-D (H, W) map, got shape {depth.shape}")
+    if nearest_is == "small":
+        return depth
+    if nearest_is == "large":
+        return (depth.max() - depth).astype(np.float32)
+    raise ValueError(f"nearest_is must be 'small' or 'large', got {nearest_is!r}")
+
+
+def encode_depth(depth: np.ndarray, fmt: str, nearest_is: NearestIs) -> np.ndarray:
+    """The array that `fmt` stores for a raw model prediction `depth` (H, W)."""
+    if fmt == "png8":
+        return depth_to_png8(depth, nearest_is)
+    if fmt == "png16":
+        return depth_to_png16(depth, nearest_is)
+    if fmt == "npy":
+        return depth_to_far_positive(depth, nearest_is)
+    raise ValueError(f"unknown depth format {fmt!r}; expected one of {FORMATS}")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[object], None]) -> None:
+    """Writes a file so that readers only ever see it whole or not at all.
+
+    `write(fileobj)` fills a temporary file in the same folder, which is then renamed over
+    `path` (os.replace is atomic on POSIX within one filesystem). On any error, including
+    KeyboardInterrupt, the temporary file is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_depth(path: str | os.PathLike, encoded: np.ndarray) -> None:
+    """Atomically writes an array from `encode_depth`: uint8/uint16 as PNG, float32 as .npy."""
+    if encoded.dtype == np.float32:
+        write_atomic(path, lambda f: np.save(f, encoded, allow_pickle=False))
+    elif encoded.dtype in (np.uint8, np.uint16):
+        write_atomic(path, lambda f: Image.fromarray(encoded).save(f, format="PNG"))
+    else:
+        raise ValueError(f"cannot save depth of dtype {encoded.dtype} to {path}")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image as uint8 RGB (H, W, 3), fully decoded, with no EXIF rotation.
+
+    No EXIF transpose, because the datasets read raw pixel arrays and depth must align with
+    them. `.mat` files (Potsdam) hold an (H, W, C) array under "img"; the first 3 channels are
+    used; floats in [0, 1] are scaled by 255 and truncated, as torchvision's to_pil_image does
+    (which DepthG's Potsdam converter used). Raises OSError/ValueError naming the file on failure.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".mat":
+        return _read_mat_image(path)
+    with Image.open(path) as img:
+        img.load()  # Decode now: a truncated file fails here, not later.
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _read_mat_image(path: Path) -> np.ndarray:
+    from scipy.io import loadmat  # Only Potsdam needs it.
+
+    try:
+        arr = np.asarray(loadmat(path)["img"])
+    except KeyError as e:
+        raise ValueError(f"{path}: .mat file has no 'img' array") from e
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise ValueError(f"{path}: expected an (H, W, >=3) 'img' array, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr
+    arr = arr.astype(np.float64)
+    if arr.max(initial=0.0) <= 1.0:
+        arr = arr * 255.0
+    return np.clip(arr, 0, 255).astype(np.uint8)
