@@ -1,0 +1,405 @@
+"""Tests of the depth-generation command (depthg_jax.data.depth) and its file helpers.
+
+The model is a tiny Depth Anything (2-layer Dinov2 backbone, random weights) saved with
+save_pretrained into a temporary folder and loaded by path: no download, no network.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from depthg_jax.data import depth as depth_cmd
+from depthg_jax.data import depth_io
+
+try:  # The optional 'depth' extra; these tests need it and fail (not skip) without it.
+    import torch
+    import transformers
+except ImportError as e:
+    pytest.fail(f"tests/depth_gen_test.py needs the 'depth' extra: {depth_cmd.EXTRA_HINT} ({e})")
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [(40, 70), (64, 48), (33, 33), (40, 70), (50, 90)]  # (H, W), two sharing a shape.
+
+
+# --- Fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight Depth Anything saved with its image processor, loadable by path."""
+    path = tmp_path_factory.mktemp("tiny_depth_anything")
+    backbone = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=28,
+        out_indices=[1, 2],
+        reshape_hidden_states=False,
+    )
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        reassemble_factors=[2, 1],
+        neck_hidden_sizes=[16, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        patch_size=14,
+    )
+    torch.manual_seed(0)
+    transformers.DepthAnythingForDepthEstimation(config).save_pretrained(path)
+    processor = transformers.DPTImageProcessor(
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir) -> "depth_cmd.DepthModel":
+    return depth_cmd.load_depth_model(str(tiny_model_dir), device="cpu")
+
+
+def write_directory_dataset(root: Path, n_extra: int = 0) -> list[Path]:
+    """A `directory` layout with sub-folders, PNG and JPEG, several sizes; returns rel paths."""
+    rng = np.random.default_rng(0)
+    rels = []
+    for i, (h, w) in enumerate(SIZES + [(32, 32)] * n_extra):
+        split = "train" if i % 2 == 0 else "val"
+        sub = "city_a/" if i == 4 else ""
+        ext = ".jpg" if i == 1 else ".png"
+        rel = Path(f"{split}/{sub}img_{i:03d}{ext}")
+        (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        # Smooth images with structure, so a random model's prediction is not flat.
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = (np.sin(xx / (3 + i)) + np.cos(yy / 5.0)) * 60 + 128
+        img = np.clip(base[..., None] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / rel)
+        rels.append(rel)
+    return rels
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones too) → sha256 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def reference_depth(model_dir: Path, image_path: Path) -> np.ndarray:
+    """The model's raw prediction at the image's size, straight from transformers, one image."""
+    model = transformers.AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    with torch.no_grad():
+        out = model(**processor(images=image, return_tensors="pt"))
+    res = processor.post_process_depth_estimation(out, target_sizes=[image.shape[:2]])
+    return res[0]["predicted_depth"].numpy()
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    rc = depth_cmd.main([*argv, "--no-progress"])
+    return rc, capsys.readouterr().err
+
+
+# --- Pure helpers ------------------------------------------------------------------------------
+
+
+def test_depth_to_png8_range_and_sign():
+    depth = np.array([[1.0, 2.0], [3.0, 5.0]])  # Depth: 1 is nearest.
+    np.testing.assert_array_equal(depth_io.depth_to_png8(depth, "small"), [[0, 63], [127, 255]])
+    # Disparity: 5 is nearest, so it maps to 0 and the smallest value to 255.
+    disparity = depth
+    np.testing.assert_array_equal(
+        depth_io.depth_to_png8(disparity, "large"), [[255, 191], [127, 0]]
+    )
+    assert depth_io.depth_to_png8(depth).dtype == np.uint8
+    np.testing.assert_array_equal(
+        depth_io.depth_to_png16(depth, "small"), [[0, 16383], [32767, 65535]]
+    )
+    assert depth_io.depth_to_png16(depth).dtype == np.uint16
+    np.testing.assert_array_equal(depth_io.depth_to_png8(np.full((3, 4), 7.0)), np.zeros((3, 4)))
+    np.testing.assert_allclose(depth_io.depth_to_far_positive(disparity, "large"), [[4, 3], [2, 0]])
+    np.testing.assert_array_equal(depth_io.depth_to_far_positive(depth, "small"), depth)
+    with pytest.raises(ValueError, match="non-finite"):
+        depth_io.depth_to_png8(np.array([[1.0, np.nan]]))
+    with pytest.raises(ValueError, match=r"\(2, 2, 1\)"):
+        depth_io.depth_to_png8(np.zeros((2, 2, 1)))
+    with pytest.raises(ValueError, match="nearest_is"):
+        depth_io.depth_to_png8(depth, "near")
+
+
+@pytest.mark.parametrize(
+    "rel, fmt, expected",
+    [
+        ("train2017/000000000139.jpg", "png8", "train2017/000000000139_zoedepth.png"),
+        (
+            "train/aachen/aachen_000000_000019_leftImg8bit.png",
+            "png8",
+            "train/aachen/aachen_000000_000019_leftImg8bit_zoedepth.png",
+        ),
+        ("top_potsdam_2_10_0.mat", "png8", "top_potsdam_2_10_0_zoedepth.png"),
+        ("val/a.b.png", "png16", "val/a.b_zoedepth_16.png"),
+        ("val/x.png", "npy", "val/x_depth.npy"),
+    ],
+)
+def test_map_output_path(rel, fmt, expected):
+    assert depth_io.map_output_path(rel, fmt) == Path(expected)
+
+
+def test_discover_images_mirrors_layouts(tmp_path):
+    files = [
+        "train2017/1.jpg",  # COCO-Stuff
+        "train/aachen/a_leftImg8bit.png",  # Cityscapes
+        "t_2_10.mat",  # Potsdam
+        "val/deep/er/x.PNG",  # directory, nested ids
+    ]
+    ignored = ["train/.hidden.png", ".cache/y.png", "val/x_zoedepth.png", "notes.txt"]
+    for f in files + ignored:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    assert depth_io.discover_images(tmp_path) == sorted(Path(f) for f in files)
+    collisions = depth_io.find_output_collisions([Path("a/x.jpg"), Path("a/x.png")], "png8")
+    assert collisions == {Path("a/x_zoedepth.png"): [Path("a/x.jpg"), Path("a/x.png")]}
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "d" / "x_zoedepth.png"
+
+    def half_write(f):
+        f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt  # As if the run were stopped mid-write.
+
+    with pytest.raises(KeyboardInterrupt):
+        depth_io.write_atomic(target, half_write)
+    assert list(target.parent.iterdir()) == []
+    depth_io.save_depth(target, np.array([[0, 255]], np.uint8))
+    np.testing.assert_array_equal(np.asarray(Image.open(target)), [[0, 255]])
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x_zoedepth.png"]
+
+
+def test_read_potsdam_mat(tmp_path):
+    from scipy.io import savemat
+
+    rgbi = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    savemat(tmp_path / "p.mat", {"img": rgbi})
+    img = depth_io.read_image(tmp_path / "p.mat")
+    assert img.shape == (6, 5, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img, (rgbi[..., :3] * 255).astype(np.uint8))
+
+
+# --- Model loading -----------------------------------------------------------------------------
+
+
+def test_infer_nearest_is_per_model_type():
+    relative = transformers.DepthAnythingConfig(depth_estimation_type="relative")
+    metric = transformers.DepthAnythingConfig(depth_estimation_type="metric", max_depth=20)
+    assert depth_cmd.infer_nearest_is(relative) == "large"  # Disparity.
+    assert depth_cmd.infer_nearest_is(metric) == "small"
+    assert depth_cmd.infer_nearest_is(transformers.DPTConfig()) == "large"  # MiDaS.
+    assert depth_cmd.infer_nearest_is(transformers.ZoeDepthConfig()) == "small"
+    assert depth_cmd.infer_nearest_is(transformers.GLPNConfig()) == "small"
+    with pytest.raises(depth_cmd.DepthGenError, match="--nearest-is"):
+        depth_cmd.infer_nearest_is(transformers.BertConfig())
+
+
+def test_unknown_model_gives_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_directory_dataset(tmp_path)
+    args = [f"--images={tmp_path / 'images'}", f"--out={tmp_path / 'depth'}"]
+    rc, err = run_main([*args, "--model=no-such-org/no-such-depth-model"], capsys)
+    assert rc == 2
+    assert "no-such-org/no-such-depth-model" in err and "--model=DIR" in err
+    rc, err = run_main([*args, f"--model={tmp_path / 'missing_model'}"], capsys)
+    assert rc == 2 and "missing_model: no such directory" in err
+    assert not (tmp_path / "depth").exists() or not any((tmp_path / "depth").rglob("*.png"))
+
+
+def test_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # Makes `import transformers` fail.
+    with pytest.raises(depth_cmd.DepthGenError, match=r"\.\[depth\]"):
+        depth_cmd.import_backend()
+
+
+def test_core_modules_do_not_import_torch():
+    code = (
+        "import sys, depthg_jax.data.depth, depthg_jax.data.depth_io;"
+        "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+# --- The command end to end --------------------------------------------------------------------
+
+
+def test_generates_every_map_at_image_size_and_reruns_as_noop(tiny_model_dir, tmp_path, capsys):
+    rels = write_directory_dataset(tmp_path)
+    images, out = tmp_path / "images", tmp_path / "depth"
+    before = hash_tree(images)
+    argv = [f"--images={images}", f"--out={out}", f"--model={tiny_model_dir}", "--batch-size=2"]
+    rc, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert "written 5, skipped 0 (already present), failed 0" in err
+    written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(depth_io.map_output_path(r) for r in rels)
+    for rel in rels:
+        png = np.asarray(Image.open(out / depth_io.map_output_path(rel)))
+        h, w = np.asarray(Image.open(images / rel)).shape[:2]
+        assert png.shape == (h, w) and png.dtype == np.uint8
+        assert png.min() == 0 and png.max() == 255  # Per-image min-max.
+        # Against transformers directly: Depth Anything gives disparity, so its largest
+        # value (nearest) is 0 in our file and its smallest is 255.
+        ref = reference_depth(tiny_model_dir, images / rel)
+        assert png.flat[np.argmax(ref)] <= 1 and png.flat[np.argmin(ref)] >= 254
+        expected = depth_io.depth_to_png8(ref, "large").astype(int)
+        assert np.abs(png.astype(int) - expected).max() <= 1  # Batched vs single: last bit.
+    assert hash_tree(images) == before  # Inputs byte-identical, nothing added beside them.
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    rc, err = run_main(argv, capsys)
+    assert rc == 0 and "written 0, skipped 5 (already present), failed 0" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+    assert hash_tree(images) == before
+
+    # The folder reads through the `directory` dataset: depth aligned, 0..255, 0 = nearest.
+    from depthg_jax.data import datasets
+
+    source = datasets.make_source("directory", str(tmp_path), "train", n_classes=3)
+    assert len(source) == 3
+    for i in range(len(source)):
+        ex = source[i]
+        assert ex["depth"].shape == ex["image"].shape[:2]
+        assert ex["depth"].min() == 0.0 and ex["depth"].max() == 255.0
+
+
+@pytest.mark.parametrize("fmt", ["npy", "png16"])
+def test_other_formats(fmt, tiny_model, tiny_model_dir, tmp_path):
+    rels = write_directory_dataset(tmp_path)
+    for extra in rels[2:]:
+        (tmp_path / "images" / extra).unlink()
+    rels = rels[:2]
+    out = tmp_path / "depth"
+    summary = depth_cmd.generate_depth(
+        tmp_path / "images", out, tiny_model, fmt=fmt, progress=False
+    )
+    assert summary.written == 2 and not summary.failed
+    for rel in rels:
+        path = out / depth_io.map_output_path(rel, fmt)
+        ref = reference_depth(tiny_model_dir, tmp_path / "images" / rel)
+        if fmt == "npy":
+            got = np.load(path)
+            assert got.dtype == np.float32 and got.shape == ref.shape
+            # Larger = farther: the disparity flipped, the nearest point at 0.
+            np.testing.assert_allclose(got, ref.max() - ref, rtol=1e-4, atol=1e-4 * np.ptp(ref))
+            assert got.min() == 0.0
+        else:
+            got = np.asarray(Image.open(path))
+            assert got.dtype == np.uint16 and got.shape == ref.shape
+            assert got.min() == 0 and got.max() == 65535
+            expected = depth_io.depth_to_png16(ref, "large").astype(int)
+            assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_interrupted_run_resumes(tiny_model, tmp_path):
+    rels = write_directory_dataset(tmp_path)
+    images, out = tmp_path / "images", tmp_path / "depth"
+    done = []
+
+    def stop_after_two(rel, out_path):
+        done.append(out_path)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        depth_cmd.generate_depth(
+            images, out, tiny_model, batch_size=1, progress=False, on_image_done=stop_after_two
+        )
+    on_disk = sorted(p for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted(done)  # Two whole files, no temporaries.
+    mtimes = {p: p.stat().st_mtime_ns for p in on_disk}
+
+    summary = depth_cmd.generate_depth(images, out, tiny_model, progress=False)
+    assert (summary.written, summary.skipped, summary.failed) == (3, 2, [])
+    assert {p: p.stat().st_mtime_ns for p in on_disk} == mtimes
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == sorted(
+        depth_io.map_output_path(r) for r in rels
+    )
+
+
+def test_killed_process_resumes(tiny_model, tiny_model_dir, tmp_path):
+    """A real `python -m` run, SIGKILLed once it has written something, then resumed."""
+    rels = write_directory_dataset(tmp_path, n_extra=25)
+    images, out = tmp_path / "images", tmp_path / "depth"
+    before = hash_tree(images)
+    cmd = [sys.executable, "-m", "depthg_jax.data.depth", f"--images={images}", f"--out={out}"]
+    cmd += [f"--model={tiny_model_dir}", "--batch-size=1", "--device=cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(out.rglob("*_zoedepth.png")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the command ended before writing anything"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(out.rglob("*_zoedepth.png"))
+    assert 1 <= len(first) < len(rels)
+    input_of = {out / depth_io.map_output_path(r): images / r for r in rels}
+    for path in first:  # Everything under its final name is whole and the image's size.
+        with Image.open(path) as png:
+            png.load()
+            assert png.size == Image.open(input_of[path]).size
+
+    summary = depth_cmd.generate_depth(images, out, tiny_model, progress=False)
+    assert summary.skipped == len(first) and summary.written == len(rels) - len(first)
+    assert sorted(out.rglob("*_zoedepth.png")) == sorted(input_of)
+    assert hash_tree(images) == before
+
+
+def test_unreadable_image_is_reported_and_others_continue(tiny_model_dir, tmp_path, capsys):
+    rels = write_directory_dataset(tmp_path)
+    bad = tmp_path / "images" / "train" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    argv = [f"--images={tmp_path / 'images'}", f"--out={tmp_path / 'depth'}"]
+    rc, err = run_main([*argv, f"--model={tiny_model_dir}"], capsys)
+    assert rc == 1
+    assert "written 5, skipped 0 (already present), failed 1" in err
+    assert "failed: train/broken.jpg: unreadable image" in err
+    for rel in rels:
+        assert (tmp_path / "depth" / depth_io.map_output_path(rel)).is_file()
+    assert not (tmp_path / "depth" / "train" / "broken_zoedepth.png").exists()
+
+
+def test_output_inside_images_is_refused(tiny_model_dir, tmp_path, capsys):
+    write_directory_dataset(tmp_path)
+    images = tmp_path / "images"
+    before = hash_tree(images)
+    for out in (images, images / "depth", images / "train"):
+        rc, err = run_main([f"--images={images}", f"--out={out}"], capsys)
+        assert rc == 2 and "is inside --images" in err
+    # --images inside --out is fine, unless an output would land in the images' tree:
+    # out/images/<x> for an image at images/images/<x>.
+    nested = images / "images" / "n.png"
+    nested.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nested)
+    rc, err = run_main([f"--images={images}", f"--out={tmp_path}"], capsys)
+    assert rc == 2 and "would lie inside --images" in err
+    nested.unlink()
+    nested.parent.rmdir()
+    assert hash_tree(images) == before
+    # Nothing was loaded or written for the refused runs; the model was never needed.
+    assert not any(tmp_path.rglob("*_zoedepth.png"))
