@@ -1,0 +1,387 @@
+"""Pretrained DINO weights (official .pth, timm, Hugging Face) -> DinoViT params.
+
+Usage:
+  python -m depthg_jax.models.convert --variant=S/8 --weights=FILE --out=DIR
+
+writes an Orbax checkpoint of the backbone params to DIR/params plus DIR/backbone.json
+(the variant). Without --weights it downloads the official DINO file for the variant.
+Nothing is written unless everything succeeds (we build in a temp dir and rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from depthg_jax.models.pth import load_pth
+from depthg_jax.models.vit import VARIANTS, get_variant
+
+OFFICIAL_URLS: dict[str, str] = {
+    "S/16": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    "S/8": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+    "B/16": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+    "B/8": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+}
+META_FILE = "backbone.json"
+PARAMS_DIR = "params"
+# Nesting keys of full training checkpoints, in order of preference (DINO's teacher is
+# the network the released backbones come from).
+NESTING_KEYS = ("teacher", "state_dict", "model", "student")
+# Non-backbone parts that checkpoints may carry: DINO projection head, classifier, HF pooler.
+_DROPPED = re.compile(r"^(head\.|pooler\.|fc_norm\.|classifier\.)")
+
+_HF_RENAMES: list[tuple[str, str]] = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+]
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)$")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt or unreadable safetensors file: {e}") from e
+    if magic[:2] == b"PK" or path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return load_pth(path)
+    raise ValueError(
+        f"{path}: unrecognised weight format (expected a torch .pth/.bin zip or .safetensors)"
+    )
+
+
+def _unnest(obj: Any, path: Path) -> dict[str, Any]:
+    """Descends into teacher/state_dict/model/student until a flat name->array dict."""
+    while isinstance(obj, dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
+        key = next((k for k in NESTING_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise ValueError(
+                f"{path}: no tensors found; top-level keys {sorted(map(str, obj))} contain none "
+                f"of {NESTING_KEYS}"
+            )
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+
+
+def _strip_prefixes(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Removes DDP's ``module.``, DINO's ``backbone.`` and HF's ``vit.``/``dino.`` wrappers."""
+    for prefix in ("module.", "backbone.", "vit.", "dino."):
+        if state and any(k.startswith(prefix) for k in state):
+            # A wrapped checkpoint also holds siblings of the backbone (e.g. "head."): keep
+            # only the wrapped part when the prefix is a sub-network name.
+            if prefix in ("backbone.", "vit.", "dino."):
+                state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            else:
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _rename_hf(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers ViT names -> DINO names; query/key/value are concatenated into qkv."""
+    out: dict[str, np.ndarray] = {}
+    qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        match = _HF_QKV.match(key)
+        if match:
+            layer, part, kind = match.groups()
+            qkv.setdefault((layer, kind), {})[part] = value
+            continue
+        new = key
+        for pattern, repl in _HF_RENAMES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    for (layer, kind), parts in qkv.items():
+        missing = {"query", "key", "value"} - set(parts)
+        if missing:
+            raise ValueError(f"layer {layer} attention {kind}: missing {sorted(missing)}")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = np.concatenate(
+            [parts["query"], parts["key"], parts["value"]], axis=0
+        )
+    return out
+
+
+def normalise_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps a flat state dict of any supported naming to official DINO names."""
+    state = _strip_prefixes(state)
+    if any(k.startswith(("embeddings.", "encoder.")) for k in state):
+        state = _rename_hf(state)
+    return {k: v for k, v in state.items() if not _DROPPED.match(k)}
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a DINO/timm/HF weight file into {official DINO name: numpy array}.
+
+    Accepts official DINO .pth (plain, or nested under teacher/student/model/state_dict,
+    with module./backbone. prefixes), timm state dicts (.pth/.bin/.safetensors) and Hugging
+    Face ViT safetensors (facebook/dino-vits8 names). .pth files are read without torch by
+    a restricted unpickler that refuses any non-tensor global.
+    """
+    path = Path(path)
+    raw = _read_file(path)
+    return normalise_state_dict(_unnest(raw, path))
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def infer_architecture(state: dict[str, np.ndarray]) -> dict[str, int]:
+    """Reads patch, dim and depth off a DINO-named state dict (for error messages)."""
+    arch = {}
+    if "patch_embed.proj.weight" in state and state["patch_embed.proj.weight"].ndim == 4:
+        arch["patch"] = int(state["patch_embed.proj.weight"].shape[-1])
+    if "cls_token" in state:
+        arch["dim"] = int(state["cls_token"].shape[-1])
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    arch["depth"] = max(blocks) + 1 if blocks else 0
+    return arch
+
+
+def _guess_variant(arch: dict[str, int]) -> str | None:
+    for name, spec in VARIANTS.items():
+        if (spec.patch, spec.dim, spec.depth) == (
+            arch.get("patch"),
+            arch.get("dim"),
+            arch.get("depth"),
+        ):
+            return name
+    return None
+
+
+def expected_shapes(variant: str, num_positions: int) -> dict[str, tuple[int, ...]]:
+    """Official DINO key -> PyTorch shape for a variant with num_positions patch positions."""
+    spec = get_variant(variant)
+    c, p, hidden = spec.dim, spec.patch, spec.dim * 4
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, c),
+        "pos_embed": (1, 1 + num_positions, c),
+        "patch_embed.proj.weight": (c, 3, p, p),
+        "patch_embed.proj.bias": (c,),
+        "norm.weight": (c,),
+        "norm.bias": (c,),
+    }
+    for i in range(spec.depth):
+        b = f"blocks.{i}."
+        for name, (out_dim, in_dim) in {
+            "attn.qkv": (3 * c, c),
+            "attn.proj": (c, c),
+            "mlp.fc1": (hidden, c),
+            "mlp.fc2": (c, hidden),
+        }.items():
+            shapes[f"{b}{name}.weight"] = (out_dim, in_dim)
+            shapes[f"{b}{name}.bias"] = (out_dim,)
+        for norm in ("norm1", "norm2"):
+            shapes[f"{b}{norm}.weight"] = (c,)
+            shapes[f"{b}{norm}.bias"] = (c,)
+    return shapes
+
+
+def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
+    spec = get_variant(variant)
+    arch = infer_architecture(state)
+    if (arch.get("patch"), arch.get("dim"), arch.get("depth")) != (
+        spec.patch,
+        spec.dim,
+        spec.depth,
+    ) and {"patch", "dim"} <= set(arch):
+        guess = _guess_variant(arch)
+        raise ValueError(
+            f"weights do not match variant {variant!r} (patch {spec.patch}, dim {spec.dim}, "
+            f"depth {spec.depth}): they hold patch {arch['patch']}, dim {arch['dim']}, depth "
+            f"{arch['depth']}" + (f", i.e. variant {guess!r}" if guess else "")
+        )
+    pos = state.get("pos_embed")
+    n = pos.shape[1] - 1 if pos is not None and pos.ndim == 3 else 0
+    if pos is not None and math.isqrt(n) ** 2 != n:
+        raise ValueError(f"pos_embed has shape {pos.shape}: {n} positions is not a square grid")
+    shapes = expected_shapes(variant, n)
+    unknown = sorted(set(state) - set(shapes))
+    missing = sorted(set(shapes) - set(state))
+    if unknown or missing:
+        raise ValueError(
+            f"state dict does not fit variant {variant!r}: unknown keys {unknown}, "
+            f"missing keys {missing}"
+        )
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"{key}: expected shape {shape} for variant {variant!r}, got "
+                f"{tuple(state[key].shape)}"
+            )
+
+
+def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
+    """Official-DINO-named state dict -> the "params" collection of ``DinoViT(variant)``.
+
+    Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
+    the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.
+    Raises ValueError naming unknown/missing keys, a key whose shape is wrong (with both
+    shapes), or a variant the weights do not fit.
+    """
+    state = {k: np.asarray(v) for k, v in state_dict.items()}
+    _check_keys_and_shapes(state, variant)
+    params: dict[str, Any] = {}
+    for key, value in state.items():
+        value = value.astype(np.float32)
+        if key in ("cls_token", "pos_embed"):
+            _set(params, [key], value)
+            continue
+        parts = key.split(".")
+        module, leaf = parts[:-1], parts[-1]
+        if module[0] == "blocks":
+            module = [f"blocks_{module[1]}", *module[2:]]
+        if key == "patch_embed.proj.weight":
+            _set(params, [*module, "kernel"], value.transpose(2, 3, 1, 0))
+        elif leaf == "weight" and value.ndim == 2:
+            _set(params, [*module, "kernel"], value.T.copy())
+        elif leaf == "weight":  # LayerNorm
+            _set(params, [*module, "scale"], value)
+        else:
+            _set(params, [*module, "bias"], value)
+    return params
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_backbone(
+    params: dict[str, Any], variant: str, out: str | os.PathLike, source: str
+) -> None:
+    """Writes params as an Orbax checkpoint plus backbone.json; atomic (temp dir + rename)."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"output {out} already exists; choose a new --out directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.wait_until_finished()
+        meta = {"variant": variant, "source": source}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _restore_orbax(path: Path, variant: str) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("variant") != variant:
+        raise ValueError(
+            f"{path} holds a {meta.get('variant')!r} backbone, but variant {variant!r} was asked"
+        )
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / PARAMS_DIR)
+    return params
+
+
+def load_backbone(path: str | os.PathLike, variant: str) -> dict[str, Any]:
+    """Params for ``DinoViT(variant)`` from a converted Orbax dir or any supported weight file."""
+    get_variant(variant)
+    path = Path(path)
+    if path.is_dir():
+        if not (path / META_FILE).is_file():
+            raise ValueError(f"{path} is a directory without {META_FILE}: not a converted backbone")
+        return _restore_orbax(path, variant)
+    return convert_state_dict(load_state_dict(path), variant)
+
+
+def download_official(variant: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Downloads the official DINO weights for a variant (cached); clear error offline."""
+    get_variant(variant)
+    if variant not in OFFICIAL_URLS:
+        raise ValueError(
+            f"no official DINO weights for variant {variant!r} (available: "
+            f"{sorted(OFFICIAL_URLS)}); pass --weights=FILE"
+        )
+    url = OFFICIAL_URLS[variant]
+    cache = Path(cache_dir or Path.home() / ".cache" / "depthg_jax")
+    target = cache / url.rsplit("/", 1)[1]
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {url} ({e}). Without network, fetch that file elsewhere and "
+            f"pass it with --weights=FILE (a DINO .pth, timm .pth/.safetensors or HF "
+            "safetensors file)"
+        ) from e
+    os.replace(part, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", required=True, help=f"one of {sorted(VARIANTS)}")
+    parser.add_argument("--weights", help="weight file; default: download the official one")
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    args = parser.parse_args(argv)
+    try:
+        get_variant(args.variant)
+        if Path(args.out).exists():
+            raise FileExistsError(f"output {args.out} already exists; choose a new --out")
+        weights = Path(args.weights) if args.weights else download_official(args.variant)
+        params = convert_state_dict(load_state_dict(weights), args.variant)
+        save_backbone(params, args.variant, args.out, source=str(weights))
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n = sum(int(np.prod(v.shape)) for v in _leaves(params))
+    print(f"wrote {args.variant} backbone ({n} parameters) from {weights} to {args.out}")
+    return 0
+
+
+def _leaves(tree: Any) -> list[np.ndarray]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [tree]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
