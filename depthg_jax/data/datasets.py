@@ -103,7 +103,9 @@ def read_image(path: str) -> np.ndarray:
     """Reads an image file as uint8 (H,W,3) RGB; a corrupt or missing file names itself."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"Cannot read image {path}: {e}") from e
 
@@ -240,7 +242,9 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, n_classes: int) -> tuple[np.nda
     Bad pixels: raw values outside the lookup table's known values, or mapped ids >= n_classes.
     """
     raw = np.asarray(raw)
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
+    if raw.dtype == np.uint8:
+        mapped = lut[raw]
+    elif raw.size and (raw.min() < 0 or raw.max() > 255):
         inside = (raw >= 0) & (raw <= 255)
         mapped = np.where(inside, lut[np.clip(raw, 0, 255)], _UNEXPECTED)
     else:

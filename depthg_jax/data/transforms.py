@@ -32,12 +32,22 @@ def resize_center_crop(example: dict, res: int) -> dict:
     """Applies the train/eval transform to an example's image, depth and label (same pixels)."""
     h, w = example["image"].shape[:2]
     rows, cols = compute_resize_crop_indices(h, w, res)
-    grid = np.ix_(rows, cols)
     return {
-        "image": example["image"][grid],
-        "depth": example["depth"][grid].astype(np.float32),
-        "label": example["label"][grid].astype(np.int32),
+        "image": _gather(example["image"], rows, cols),
+        "depth": _gather(example["depth"], rows, cols).astype(np.float32, copy=False),
+        "label": _gather(example["label"], rows, cols).astype(np.int32, copy=False),
     }
+
+
+def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """x[rows][:, cols], as plain slices when the indices are consecutive (no resize)."""
+    if rows[-1] - rows[0] == len(rows) - 1:
+        x = x[rows[0] : rows[-1] + 1]
+    else:
+        x = np.take(x, rows, axis=0)
+    if cols[-1] - cols[0] == len(cols) - 1:
+        return x[:, cols[0] : cols[-1] + 1]
+    return np.take(x, cols, axis=1)
 
 
 def normalize_images(images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""Training-pair throughput of the input pipeline on the synthetic set (host CPU only).
+
+Generates (or reuses) a synthetic set, writes a KNN table from raw pooled pixels (the
+backbone is not what is measured here), then times `make_train_loader` batches: each
+example is an (anchor, positive) pair, both decoded from PNG (image, depth, label) and
+resized/cropped to --res. Reports pairs/s per read-thread setting, side by side, same run.
+
+    python bench/input_pipeline.py [--root=/tmp/depthg_bench_synth] [--batches=30]
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import ml_collections
+
+from depthg_jax.data import knn, pipeline, synthetic
+from depthg_jax.data.datasets import make_source
+
+
+def make_config(root, res, threads, workers, prefetch):
+    return ml_collections.ConfigDict(
+        dict(
+            name="synthetic",
+            root=root,
+            n_classes=len(synthetic.SYNTHETIC_CLASSES),
+            train_split="train",
+            eval_split="val",
+            train_res=res,
+            eval_res=res,
+            num_neighbors=7,
+            worker_count=workers,
+            prefetch=prefetch,
+            read_threads=threads,
+        )
+    )
+
+
+def time_loader(cfg, batch, batches, warmup=3):
+    it = pipeline.make_train_loader(
+        cfg, global_batch_size=batch, seed=0, process_index=0, process_count=1
+    )
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/depthg_bench_synth")
+    parser.add_argument("--num_train", type=int, default=300)
+    parser.add_argument("--res", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--threads", default="1,2,4,8")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    synthetic.generate_dataset(args.root, num_train=args.num_train, num_val=20, size=224)
+    print(f"synthetic set ready in {time.perf_counter() - start:.1f} s ({args.num_train} train)")
+    path = knn.knn_table_path(args.root, "train", "S/8", args.res)
+    if not os.path.exists(path):
+        src = make_source("synthetic", args.root, "train", len(synthetic.SYNTHETIC_CLASSES))
+        g = args.res // 8
+        pool = lambda x: x.reshape(len(x), g, 8, g, 8, 3).mean((2, 4)).reshape(len(x), -1)
+        knn.build_knn_table(src, pool, res=args.res, global_batch_size=32, k=30, path=path)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        cfg = make_config(args.root, args.res, threads, 0, max(threads, 2))
+        rate = time_loader(cfg, args.batch, args.batches)
+        print(f"read_threads={threads} workers=0 batch={args.batch}: {rate:.0f} pairs/s")
+
+
+if __name__ == "__main__":
+    main()
