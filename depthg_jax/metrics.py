@@ -113,11 +113,12 @@ def scores(confusion: np.ndarray, hungarian: bool) -> dict:
         pixels; extra clusters allowed), False for the linear probe (identity).
     Returns:
       dict with "accuracy" and "miou" (floats in [0, 1]); "iou" (num_classes,) float64 with NaN
-      for classes neither present nor predicted (excluded from the mean); "cluster_to_class"
-      (num_preds,) int, -1 for unmatched clusters; "histogram", the aligned confusion (rows
-      predicted class, columns true class; with extra clusters one more row and column pool the
-      unmatched clusters, and like STEGO that pseudo-class's IoU, 0 when it has pixels, enters
-      the mean); "iou_unmatched" (float, NaN without extra clusters).
+      for classes neither present nor predicted (excluded from the mean); "assignment" (also
+      "cluster_to_class"), (num_preds,) int, the class of each prediction id, -1 if unmatched;
+      "histogram", the aligned confusion (rows predicted class, columns true class; with extra
+      clusters one more row and column pool the unmatched clusters, and like STEGO that
+      pseudo-class's IoU, 0 when it has pixels, enters the mean); "iou_unmatched" (float, NaN
+      without extra clusters).
     """
     confusion = np.asarray(confusion, dtype=np.int64)
     if confusion.ndim != 2:
@@ -137,6 +138,7 @@ def scores(confusion: np.ndarray, hungarian: bool) -> dict:
         "iou": iou[:num_classes],
         "iou_unmatched": float(iou[num_classes]) if len(iou) > num_classes else float("nan"),
         "cluster_to_class": cluster_to_class,
+        "assignment": cluster_to_class,
         "histogram": histogram,
     }
 

@@ -1,0 +1,461 @@
+"""Evaluation: the paper's protocol (SPEC §9) over a whole split, and its report.
+
+`python -m depthg_jax.evaluate --checkpoint=DIR [--config=FILE] [--out=DIR]` loads an export
+(`depthg_jax.checkpoint.save_export`), runs the final protocol (320 centre crop, flip-averaged
+code, upsampled, dense CRF, argmax) and writes results.json, a per-class IoU table and the
+cluster probe's confusion-matrix picture. `evaluate_loader` is also the trainer's validation.
+
+Confusion counts accumulate on device (int32: fine below 2^31 pixels per cell, i.e. > 20k
+images of 320 x 320). The CRF runs on the host's cores in a process pool; its labels go back
+through the same on-device counting, so multi-host runs need no special path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from depthg_jax import crf as crf_lib
+from depthg_jax import inference, metrics, sharding
+
+PROBES = ("cluster", "linear")
+
+
+def _place_replicated(tree, mesh):
+    """Replicates params on the mesh unless they already are (the trainer's backbone is)."""
+    devices = set(mesh.devices.flat)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+            if set(x.sharding.device_set) == devices:
+                return x
+        return jax.make_array_from_process_local_data(
+            sharding.replicated(mesh), np.asarray(jax.device_get(x))
+        )
+
+    return jax.tree.map(place, tree)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = {}
+    for s in x.addressable_shards:
+        start = s.index[0].start or 0
+        shards.setdefault(start, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(
+    variant: str, dim: int, dtype: str, n_classes: int, mesh, *, flip: bool, keep_outputs: bool
+):
+    """A jitted step: batch -> (cluster confusion, linear confusion, #valid[, log-probs]).
+
+    Cached, so repeated validations during training compile once.
+    """
+    replicated = sharding.replicated(mesh)
+    batched = sharding.batch_sharding(mesh)
+    out_shardings = (replicated, replicated, replicated)
+    if keep_outputs:
+        out_shardings += (batched, batched)
+
+    @functools.partial(jax.jit, out_shardings=out_shardings)
+    def step(params, images, labels, valid):
+        out = inference.predict(
+            params,
+            images,
+            variant=variant,
+            dim=dim,
+            n_classes=n_classes,
+            dtype=dtype,
+            flip=flip,
+        )
+        cluster = jnp.argmax(out["cluster_log_probs"], axis=-1)
+        linear = jnp.argmax(out["linear_logits"], axis=-1)
+        result = (
+            metrics.confusion(cluster, labels, n_classes, n_classes, valid),
+            metrics.confusion(linear, labels, n_classes, n_classes, valid),
+            jnp.sum(valid.astype(jnp.int32)),
+        )
+        if keep_outputs:
+            result += (out["cluster_log_probs"], jax.nn.log_softmax(out["linear_logits"]))
+        return result
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def make_count_step(n_classes: int, mesh):
+    """A jitted step counting already-made predictions (the CRF's) on device."""
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def count(cluster, linear, labels, valid):
+        return (
+            metrics.confusion(cluster, labels, n_classes, n_classes, valid),
+            metrics.confusion(linear, labels, n_classes, n_classes, valid),
+        )
+
+    return count
+
+
+def evaluate_loader(
+    params: dict,
+    model_cfg,
+    n_classes: int,
+    loader,
+    *,
+    flip: bool,
+    crf: bool,
+    mesh=None,
+    progress: bool = True,
+    crf_pool=None,
+) -> dict:
+    """Scores both probes over every batch of `loader` (the whole split).
+
+    Args:
+      params: {"backbone", "head", "cluster_probe", "linear_probe"} flax params.
+      model_cfg: has .variant, .dim, .dtype (config.model).
+      n_classes: ground-truth classes = clusters = linear probe outputs.
+      loader: iterable of host-local batches {"image" uint8 (b,E,E,3), "label" int32 (b,E,E)
+        with -1 ignored, "valid" bool (b,)} (depthg_jax.data.pipeline.make_eval_loader).
+      flip: average the code with the flipped image's flipped code.
+      crf: also score dense-CRF-refined predictions (host, in parallel).
+      mesh: 1-D ('data',) mesh (default: all devices).
+      progress: show a tqdm bar (process 0).
+      crf_pool: executor for the CRF (default: one made here with a worker per core).
+    Returns:
+      {"cluster", "linear"[, "cluster_crf", "linear_crf"]}: metrics.scores dicts (the cluster
+      probe Hungarian-matched, the linear probe identity); "confusion": the raw counts per key;
+      "num_images"; "time_s" (whole pass) and "crf_time_s" (of it, in the CRF).
+    """
+    from tqdm import tqdm
+
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    params = _place_replicated(params, mesh)
+    step = make_eval_step(
+        model_cfg.variant,
+        int(model_cfg.dim),
+        str(model_cfg.dtype),
+        int(n_classes),
+        mesh,
+        flip=bool(flip),
+        keep_outputs=bool(crf),
+    )
+    count = make_count_step(n_classes, mesh) if crf else None
+    own_pool = crf and crf_pool is None
+    pool = crf_lib.make_crf_pool() if own_pool else crf_pool
+    keys = PROBES + tuple(f"{p}_crf" for p in PROBES) if crf else PROBES
+    totals = {k: None for k in keys}
+    num_images = 0
+    crf_time = 0.0
+    start = time.perf_counter()
+    total = len(loader) if hasattr(loader, "__len__") else None
+    bar = tqdm(
+        loader,
+        total=total,
+        desc="evaluate",
+        unit="batch",
+        disable=not progress or jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+
+    def add(key, value):
+        totals[key] = value if totals[key] is None else totals[key] + value
+
+    try:
+        for batch in bar:
+            batch = {k: batch[k] for k in ("image", "label", "valid")}
+            g = sharding.host_to_global(batch, mesh)
+            outs = step(params, g["image"], g["label"], g["valid"])
+            add("cluster", outs[0])
+            add("linear", outs[1])
+            num_images += int(outs[2])
+            if crf:
+                t0 = time.perf_counter()
+                images = np.asarray(batch["image"])
+                valid = np.asarray(batch["valid"], bool)
+                refined = []
+                for log_probs in (_local_rows(outs[3]), _local_rows(outs[4])):
+                    labels = np.zeros(images.shape[:3], np.int32)
+                    if valid.any():
+                        labels[valid] = crf_lib.dense_crf_batch(
+                            images[valid], log_probs[valid], pool
+                        )
+                    refined.append(labels)
+                crf_time += time.perf_counter() - t0
+                g2 = sharding.host_to_global(
+                    {"c": refined[0], "l": refined[1], "label": batch["label"], "valid": valid},
+                    mesh,
+                )
+                c_crf, l_crf = count(g2["c"], g2["l"], g2["label"], g2["valid"])
+                add("cluster_crf", c_crf)
+                add("linear_crf", l_crf)
+    finally:
+        bar.close()
+        if own_pool:
+            pool.shutdown()
+    if num_images == 0:
+        raise ValueError("the evaluation loader gave no valid images (empty split?)")
+    confusions = {k: np.asarray(jax.device_get(v)).astype(np.int64) for k, v in totals.items()}
+    results = {k: metrics.scores(confusions[k], hungarian=k.startswith("cluster")) for k in keys}
+    results["confusion"] = confusions
+    results["num_images"] = num_images
+    results["time_s"] = time.perf_counter() - start
+    results["crf_time_s"] = crf_time
+    return results
+
+
+# --- Report ------------------------------------------------------------------------------------
+
+
+def format_table(results: dict) -> str:
+    """The paper-style table: probe x (accuracy, mIoU), without and with CRF, in %."""
+    has_crf = "cluster_crf" in results
+    header = f"{'':10s}{'no CRF':>16s}" + (f"{'CRF':>16s}" if has_crf else "")
+    sub = f"{'probe':10s}{'Acc':>8s}{'mIoU':>8s}" + (f"{'Acc':>8s}{'mIoU':>8s}" if has_crf else "")
+    lines = [header, sub]
+    for probe in PROBES:
+        r = results[probe]
+        row = f"{probe:10s}{100 * r['accuracy']:8.1f}{100 * r['miou']:8.1f}"
+        if has_crf:
+            c = results[f"{probe}_crf"]
+            row += f"{100 * c['accuracy']:8.1f}{100 * c['miou']:8.1f}"
+        lines.append(row)
+    no_crf_time = results["time_s"] - results["crf_time_s"]
+    timing = f"wall time {no_crf_time:.1f} s without CRF"
+    if has_crf:
+        timing += f", {results['time_s']:.1f} s with CRF ({results['crf_time_s']:.1f} s in CRF)"
+    lines.append(f"{results['num_images']} images; {timing}")
+    return "\n".join(lines)
+
+
+def format_class_table(results: dict, class_names: list[str]) -> str:
+    """Per-class IoU (%) of every scored key, one row per class."""
+    keys = [k for k in PROBES + tuple(f"{p}_crf" for p in PROBES) if k in results]
+    width = max([len(n) for n in class_names] + [5])
+    lines = [f"{'class':{width}s}" + "".join(f"{k:>13s}" for k in keys)]
+    for i, name in enumerate(class_names):
+        cells = "".join(f"{100 * results[k]['iou'][i]:13.1f}" for k in keys)
+        lines.append(f"{name:{width}s}{cells}")
+    lines.append(f"{'mean':{width}s}" + "".join(f"{100 * results[k]['miou']:13.1f}" for k in keys))
+    return "\n".join(lines)
+
+
+def to_json(results: dict, class_names: list[str]) -> dict:
+    """A JSON-friendly copy: scores in %, per-class IoU by name (NaN -> null), counts as lists."""
+
+    def clean(x):
+        return None if x is None or not np.isfinite(x) else round(float(x) * 100, 4)
+
+    out = {"num_images": results["num_images"], "time_s": results["time_s"]}
+    out["crf_time_s"] = results["crf_time_s"]
+    for key, value in results.items():
+        if isinstance(value, dict) and "accuracy" in value:
+            out[key] = {
+                "accuracy": clean(value["accuracy"]),
+                "miou": clean(value["miou"]),
+                "iou": {n: clean(v) for n, v in zip(class_names, value["iou"], strict=True)},
+                "assignment": [int(a) for a in value["assignment"]],
+                "confusion": results["confusion"][key].tolist(),
+            }
+    return out
+
+
+def render_confusion(histogram: np.ndarray, class_names: list[str], cell: int = 18) -> np.ndarray:
+    """The matched confusion as an RGB picture: rows true class, columns predicted class, each
+    row normalised by its true-class pixel count, white (0) to dark blue (1); names on the left
+    and (rotated) on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    counts = np.asarray(histogram, np.float64).T  # rows: true class
+    counts = counts[: len(class_names), : len(class_names)]
+    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    white, blue = np.array([247, 251, 255.0]), np.array([8, 48, 107.0])
+    colours = (white + frac[..., None] * (blue - white)).astype(np.uint8)
+    grid = colours.repeat(cell, 0).repeat(cell, 1)
+    font = ImageFont.load_default()
+    margin = 8 + 7 * max(len(n) for n in class_names)
+    n = len(class_names)
+    size = margin + n * cell + 4
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (margin, margin))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(class_names):
+        draw.text((4, margin + i * cell + 3), name, fill=(0, 0, 0), font=font)
+        label = Image.new("RGB", (margin, cell), (255, 255, 255))
+        ImageDraw.Draw(label).text((4, 3), name, fill=(0, 0, 0), font=font)
+        canvas.paste(label.rotate(90, expand=True), (margin + i * cell, 0))
+    for i in range(n + 1):  # cell borders
+        p = margin + i * cell
+        draw.line([(p, margin), (p, margin + n * cell)], fill=(128, 128, 128))
+        draw.line([(margin, p), (margin + n * cell, p)], fill=(128, 128, 128))
+    return np.asarray(canvas)
+
+
+def write_atomic(path: str, write) -> None:
+    """Calls write(tmp_path), then renames into place, so `path` is never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_report(results: dict, class_names: list[str], out_dir: str) -> dict:
+    """Writes results.json, per_class_iou.txt and confusion_<key>.png; returns the paths."""
+    from PIL import Image
+
+    paths = {
+        "results": os.path.join(out_dir, "results.json"),
+        "per_class": os.path.join(out_dir, "per_class_iou.txt"),
+    }
+
+    def dump_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(to_json(results, class_names), f, indent=2)
+
+    def dump_table(tmp):
+        with open(tmp, "w") as f:
+            f.write(format_table(results) + "\n\n" + format_class_table(results, class_names))
+            f.write("\n")
+
+    write_atomic(paths["results"], dump_json)
+    write_atomic(paths["per_class"], dump_table)
+    for key in ("cluster_crf", "cluster", "linear"):
+        if key in results:
+            path = os.path.join(out_dir, f"confusion_{key}.png")
+            picture = render_confusion(results[key]["histogram"], class_names)
+            write_atomic(path, lambda tmp, p=picture: Image.fromarray(p).save(tmp, format="PNG"))
+            paths[f"confusion_{key}"] = path
+    return paths
+
+
+def class_names_for(dataset: str, n_classes: int) -> list[str]:
+    """The dataset's class names if it has an asset file with n_classes names, else class_i."""
+    try:
+        from depthg_jax.data import datasets
+
+        names = list(datasets.load_dataset_info(dataset)["classes"])
+        if len(names) == n_classes:
+            return names
+    except (OSError, KeyError, ValueError, ImportError):
+        pass
+    if dataset == "synthetic":
+        try:
+            from depthg_jax.data import synthetic
+
+            if len(synthetic.SYNTHETIC_CLASSES) == n_classes:
+                return list(synthetic.SYNTHETIC_CLASSES)
+        except ImportError:
+            pass
+    return [f"class_{i}" for i in range(n_classes)]
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "An export directory (python -m depthg_jax.export).")
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Optional config file whose data and eval sections replace the checkpoint's "
+    "(override fields with --config.data.root=...). The model always comes from the checkpoint.",
+    lock_config=True,
+)
+flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")
+flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+
+
+def check_model_matches(checkpoint_cfg, other_cfg) -> None:
+    """Raises if a config disagrees with the checkpoint's model (variant, dim, classes)."""
+    pairs = [
+        ("model.variant", checkpoint_cfg.model.variant, other_cfg.model.variant),
+        ("model.dim", checkpoint_cfg.model.dim, other_cfg.model.dim),
+        ("data.n_classes", checkpoint_cfg.data.n_classes, other_cfg.data.n_classes),
+    ]
+    bad = [f"{name}: checkpoint {a!r}, config {b!r}" for name, a, b in pairs if a != b]
+    if bad:
+        raise ValueError(
+            "the checkpoint was trained with another model than --config describes: "
+            + "; ".join(bad)
+        )
+
+
+def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, max_batches=0):
+    """Loads an export, evaluates it on its config's eval split, writes the report."""
+    from depthg_jax import checkpoint
+    from depthg_jax.data import pipeline
+
+    config, params = checkpoint.load_export(checkpoint_dir)
+    if config_override is not None:
+        check_model_matches(config, config_override)
+        config.data = config_override.data
+        config.eval = config_override.eval
+    inference.check_params(
+        params,
+        variant=config.model.variant,
+        dim=config.model.dim,
+        n_classes=config.data.n_classes,
+        where=checkpoint_dir,
+    )
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    loader = pipeline.make_eval_loader(
+        config.data,
+        global_batch_size=config.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        max_batches=max_batches,
+    )
+    results = evaluate_loader(
+        params,
+        config.model,
+        config.data.n_classes,
+        loader,
+        flip=config.eval.flip,
+        crf=config.eval.crf,
+        mesh=mesh,
+    )
+    names = class_names_for(config.data.name, config.data.n_classes)
+    out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
+    paths = write_report(results, names, out_dir) if jax.process_index() == 0 else {}
+    return results, names, paths
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint=DIR is required (an export directory)")
+    try:
+        results, names, paths = run(FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        print(format_table(results))
+        print()
+        print(format_class_table(results, names))
+        for what, path in paths.items():
+            print(f"wrote {what}: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
