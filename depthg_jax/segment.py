@@ -1,0 +1,301 @@
+"""Segment a folder of images with an exported model and write pictures of the result.
+
+python -m depthg_jax.segment --checkpoint=DIR --images=DIR --out=DIR [--res=320]
+    [--batch-size=8] [--probe=cluster|linear] [--assignment=results.json] [--crf]
+
+Every .jpg/.jpeg/.png under --images (recursively, any size) is resized to res x res, segmented
+(flip-averaged code, as in evaluation), optionally refined by the dense CRF, and the label map
+is resized back (nearest) to the image's own size. For each image, under --out, mirroring the
+input folders:
+  labels/<name>.png   class (or cluster) id per pixel, 8-bit grey
+  color/<name>.png    the ids coloured with the dataset's colour map (a fixed palette otherwise)
+  overlay/<name>.png  the image and the colour mask blended over it, side by side
+Files are written to a temporary name and renamed, so none is ever half-written. Unreadable
+images are reported and skipped; the exit status is then 1.
+
+Cluster ids are not classes: pass --assignment=<evaluate's results.json> to colour clusters by
+their Hungarian-matched class (else clusters get the palette by id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+OVERLAY_ALPHA = 0.5
+
+
+class SegmentError(Exception):
+    """A problem with the inputs that stops the run; the message says what to fix."""
+
+
+def find_images(root: str) -> list[Path]:
+    """All images under root (recursive, sorted), as paths relative to root."""
+    base = Path(root)
+    if not base.is_dir():
+        raise SegmentError(f"--images={root} is not a directory")
+    found = sorted(
+        p.relative_to(base)
+        for p in base.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not found:
+        raise SegmentError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {root}")
+    return found
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3); raises SegmentError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SegmentError(f"cannot read {path}: {e}") from e
+
+
+def resize_rgb(image: np.ndarray, res: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((res, res), Image.BILINEAR))
+
+
+def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an id map (ids < 256) to (H, W)."""
+    im = Image.fromarray(labels.astype(np.uint8), mode="L")
+    return np.asarray(im.resize((size_hw[1], size_hw[0]), Image.NEAREST))
+
+
+def colours_for(dataset: str, n: int) -> np.ndarray:
+    """(n, 3) uint8: the dataset's colours from data/<name>.json if it has n, else a palette."""
+    from depthg_jax import palette
+
+    try:
+        from depthg_jax.data import datasets
+
+        colours = datasets.load_dataset_info(dataset).get("colors")
+        if colours is not None and len(colours) >= n:
+            return np.asarray(colours[:n], np.uint8)
+    except (OSError, ValueError, ImportError):
+        pass
+    return palette.palette_for(dataset, n)
+
+
+def make_overlay(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """[image | colour mask blended over the image], side by side, at the image's size."""
+    blend = (1 - OVERLAY_ALPHA) * image.astype(np.float32) + OVERLAY_ALPHA * colour
+    return np.concatenate([image, np.round(blend).astype(np.uint8)], axis=1)
+
+
+def save_png_atomic(path: Path, array: np.ndarray) -> None:
+    """Writes a PNG to a temporary name beside `path`, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_assignment(path: str, n_classes: int) -> np.ndarray:
+    """The cluster -> class map from evaluate's results.json (the CRF one if present)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        entry = saved.get("cluster_crf") or saved["cluster"]
+        assignment = np.asarray(entry["assignment"], np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SegmentError(
+            f"--assignment={path}: not an evaluate results.json with a cluster assignment ({e})"
+        ) from e
+    if assignment.shape != (n_classes,):
+        raise SegmentError(
+            f"--assignment={path} maps {assignment.size} clusters, but the checkpoint has "
+            f"{n_classes} classes: it belongs to another model"
+        )
+    return assignment
+
+
+class Segmenter:
+    """Holds the loaded model; `labels(images, count)` maps uint8 (B, res, res, 3) to the ids
+    (count, res, res) of the first `count` images (the rest is padding)."""
+
+    def __init__(self, checkpoint_dir: str, *, probe: str, use_crf: bool, res: int):
+        from depthg_jax import checkpoint, inference
+        from depthg_jax.models import vit
+
+        try:
+            config, params = checkpoint.load_export(checkpoint_dir)
+        except FileNotFoundError as e:
+            raise SegmentError(str(e)) from e
+        try:
+            inference.check_params(
+                params,
+                variant=config.model.variant,
+                dim=config.model.dim,
+                n_classes=config.data.n_classes,
+                where=checkpoint_dir,
+            )
+        except (ValueError, KeyError) as e:
+            raise SegmentError(f"checkpoint {checkpoint_dir} does not hold its model: {e}") from e
+        patch = vit.patch_size(config.model.variant)
+        if res % patch or res <= 0:
+            raise SegmentError(
+                f"--res={res} must be a positive multiple of the patch size {patch} "
+                f"of {config.model.variant}"
+            )
+        if probe not in ("cluster", "linear"):
+            raise SegmentError(f"--probe={probe!r}; use 'cluster' or 'linear'")
+        self.config, self.params = config, params
+        self.probe, self.use_crf = probe, use_crf
+        self.n_classes = int(config.data.n_classes)
+        self.pool = None
+
+    def labels(self, images: np.ndarray, count: int) -> np.ndarray:
+        from depthg_jax import crf, inference
+
+        m = self.config.model
+        out = inference.predict(
+            self.params,
+            images,
+            variant=m.variant,
+            dim=m.dim,
+            n_classes=self.n_classes,
+            dtype=m.dtype,
+            flip=True,
+        )
+        key = "cluster_log_probs" if self.probe == "cluster" else "linear_logits"
+        scores = np.asarray(out[key])[:count]
+        if not self.use_crf:
+            return scores.argmax(-1).astype(np.int32)
+        if self.pool is None:
+            self.pool = crf.make_crf_pool()
+        return crf.dense_crf_batch(images[:count], scores, self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def write_outputs(out: Path, rel: Path, image: np.ndarray, ids: np.ndarray, colours) -> None:
+    from depthg_jax import palette
+
+    name = rel.with_suffix(".png")
+    colour = palette.colorize(ids, colours)
+    save_png_atomic(out / "labels" / name, ids.astype(np.uint8))
+    save_png_atomic(out / "color" / name, colour)
+    save_png_atomic(out / "overlay" / name, make_overlay(image, colour))
+
+
+def segment_folder(
+    checkpoint_dir: str,
+    images_dir: str,
+    out_dir: str,
+    *,
+    res: int = 320,
+    batch_size: int = 8,
+    probe: str = "cluster",
+    assignment: str | None = None,
+    use_crf: bool = False,
+    progress: bool = True,
+) -> tuple[int, list[str]]:
+    """Segments every image under images_dir; returns (number written, error messages)."""
+    from tqdm import tqdm
+
+    if batch_size <= 0:
+        raise SegmentError(f"--batch-size={batch_size} must be positive")
+    rels = find_images(images_dir)
+    model = Segmenter(checkpoint_dir, probe=probe, use_crf=use_crf, res=res)
+    mapping = None
+    if assignment:
+        if probe != "cluster":
+            raise SegmentError("--assignment applies to --probe=cluster only")
+        mapping = load_assignment(assignment, model.n_classes)
+    elif probe == "cluster":
+        print(
+            "note: colouring clusters by id; pass --assignment=<evaluate results.json> to colour "
+            "them by their matched class",
+            file=sys.stderr,
+        )
+    colours = colours_for(model.config.data.name, model.n_classes)
+    out = Path(out_dir)
+    errors: list[str] = []
+    written = 0
+    bar = tqdm(total=len(rels), desc="segment", unit="img", disable=not progress)
+    try:
+        for start in range(0, len(rels), batch_size):
+            chunk, originals = [], []
+            for rel in rels[start : start + batch_size]:
+                try:
+                    originals.append(read_rgb(Path(images_dir) / rel))
+                    chunk.append(rel)
+                except SegmentError as e:
+                    errors.append(str(e))
+                    bar.update(1)
+            if not chunk:
+                continue
+            batch = np.zeros((batch_size, res, res, 3), np.uint8)  # fixed shape: one compile
+            for i, image in enumerate(originals):
+                batch[i] = resize_rgb(image, res)
+            ids = model.labels(batch, len(chunk))
+            for rel, image, label in zip(chunk, originals, ids, strict=True):
+                if mapping is not None:
+                    label = mapping[label]
+                full = resize_labels(label, image.shape[:2])
+                write_outputs(out, rel, image, full, colours)
+                written += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        model.close()
+    return written, errors
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m depthg_jax.segment", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--checkpoint", required=True, help="An export directory.")
+    parser.add_argument("--images", required=True, help="Folder of .jpg/.png images (recursive).")
+    parser.add_argument("--out", required=True, help="Output folder.")
+    parser.add_argument("--res", type=int, default=320, help="Model input side (px).")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    parser.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
+    parser.add_argument("--assignment", default=None, help="evaluate's results.json.")
+    parser.add_argument("--crf", action="store_true", help="Refine with the dense CRF.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        written, errors = segment_folder(
+            args.checkpoint,
+            args.images,
+            args.out,
+            res=args.res,
+            batch_size=args.batch_size,
+            probe=args.probe,
+            assignment=args.assignment,
+            use_crf=args.crf,
+        )
+    except SegmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} segmentations under {args.out} (labels/, color/, overlay/)")
+    if errors:
+        print(f"{len(errors)} image(s) could not be read:", file=sys.stderr)
+        for message in errors:
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The segment tool on a tiny export: real PNGs of the right sizes, and clear bad-input errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from depthg_jax import inference, palette, segment
+
+N_CLASSES = 6
+
+
+def make_export(path, params=None):
+    from configs import demo
+    from depthg_jax import checkpoint
+
+    config = demo.get_config()
+    assert config.data.n_classes == N_CLASSES and config.model.variant == "mu/8"
+    if params is None:
+        params = inference.init_params(
+            jax.random.key(0), variant="mu/8", dim=config.model.dim, n_classes=N_CLASSES
+        )
+    checkpoint.save_export(str(path), config, params)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("seg") / "export")
+
+
+@pytest.fixture()
+def images_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (33, 20, 3), dtype=np.uint8)).save(root / "sub/b.png")
+    Image.fromarray(rng.integers(0, 256, (25, 31, 4), dtype=np.uint8)).save(root / "c.PNG")
+    Image.fromarray(rng.integers(0, 256, (64, 48), dtype=np.uint8)).save(root / "sub/d.jpeg")
+    (root / "broken.jpg").write_bytes(b"not an image at all")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+EXPECTED = {"a": (56, 40), "sub/b": (20, 33), "c": (31, 25), "sub/d": (48, 64)}  # (W, H)
+
+
+def run(args):
+    return segment.main([str(a) for a in args])
+
+
+def test_segment_writes_real_pngs_of_the_input_size(export_dir, images_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run(
+        ["--checkpoint", export_dir, "--images", images_dir, "--out", out, "--res", 32]
+        + ["--batch-size", 3]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.jpg" in err  # the unreadable image is named, others done
+    colours = segment.colours_for("synthetic", N_CLASSES)
+    for name, (w, h) in EXPECTED.items():
+        with Image.open(out / "labels" / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size == (w, h) and im.mode == "L"
+            labels = np.asarray(im)
+        assert labels.max() < N_CLASSES
+        with Image.open(out / "color" / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(im), palette.colorize(labels, colours))
+        with Image.open(out / "overlay" / f"{name}.png") as im:
+            assert im.format == "PNG" and im.size == (2 * w, h) and im.mode == "RGB"
+    assert not (out / "labels" / "broken.png").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_segment_labels_follow_the_model_prediction(export_dir, images_dir, tmp_path):
+    # An image already at the model size: the label PNG is the flip-averaged argmax itself.
+    config_params = make_params_like_export(export_dir)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(image).save(folder / "x.png")
+    assert (
+        run(
+            ["--checkpoint", export_dir, "--images", folder, "--out", tmp_path / "o"]
+            + ["--res", 32, "--batch-size", 3, "--probe", "linear"]
+        )
+        == 0
+    )
+    out = inference.predict(
+        config_params,
+        np.stack([image] * 3),
+        variant="mu/8",
+        dim=32,
+        n_classes=N_CLASSES,
+        dtype="float32",
+        flip=True,
+    )
+    want = np.asarray(out["linear_logits"][0]).argmax(-1)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o/labels/x.png")), want)
+
+
+def make_params_like_export(export_dir):
+    from depthg_jax import checkpoint
+
+    return checkpoint.load_export(export_dir)[1]
+
+
+def test_assignment_recolours_clusters(export_dir, images_dir, tmp_path):
+    perm = [5, 4, 3, 2, 1, 0]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"cluster": {"assignment": perm}}))
+    base = ["--checkpoint", export_dir, "--images", images_dir, "--res", 32, "--batch-size", 3]
+    run(base + ["--out", tmp_path / "raw"])
+    run(base + ["--out", tmp_path / "mapped", "--assignment", results])
+    raw = np.asarray(Image.open(tmp_path / "raw/labels/a.png"))
+    mapped = np.asarray(Image.open(tmp_path / "mapped/labels/a.png"))
+    np.testing.assert_array_equal(mapped, np.asarray(perm)[raw])
+
+
+def test_bad_inputs_give_clear_messages(export_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(["--checkpoint", export_dir, "--images", empty, "--out", tmp_path / "o"]) == 2
+    assert "no .jpg/.jpeg/.png images found under" in capsys.readouterr().err
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "z.png")
+    params = make_params_like_export(export_dir)  # probes for 27 classes, config says 6
+    params["cluster_probe"] = {"clusters": np.zeros((27, 32), np.float32)}
+    params["linear_probe"]["linear"] = {"kernel": np.zeros((32, 27)), "bias": np.zeros(27)}
+    mismatched = make_export(tmp_path / "bad_export", params)
+    assert run(["--checkpoint", mismatched, "--images", folder, "--out", tmp_path / "o"]) == 2
+    assert "cluster probe classes 27 (expected 6)" in capsys.readouterr().err
+
+    assert run(["--checkpoint", tmp_path / "nope", "--images", folder, "--out", tmp_path]) == 2
+    assert "not a depthg-jax export" in capsys.readouterr().err
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"cluster": {"assignment": list(range(27))}}))
+    args = ["--checkpoint", export_dir, "--images", folder, "--out", tmp_path / "o"]
+    assert run(args + ["--assignment", wrong]) == 2
+    assert "maps 27 clusters, but the checkpoint has 6 classes" in capsys.readouterr().err
+
+    assert run(args + ["--res", 30]) == 2
+    assert "multiple of the patch size 8" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
