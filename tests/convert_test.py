@@ -261,7 +261,18 @@ def test_cli_without_weights_offline_says_how_to_pass_a_file(tmp_path, monkeypat
     assert "no official DINO weights for variant 'mu/8'" in capsys.readouterr().err
 
 
-def test_module_cli_runs_as_script(tmp_path):
+def test_module_cli_runs_as_script_without_torch(state, tmp_path):
+    weights = write_dino_formats(state, tmp_path)["full.pth"]
+    # The package reads .pth files without torch: the converter never imports it.
+    code = (
+        "import sys; from depthg_jax.models import convert; "
+        f"rc = convert.main(['--variant=mu/8', '--weights={weights}', "
+        f"'--out={tmp_path / 'ok'}']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert_trees_equal(load_backbone(tmp_path / "ok", "mu/8"), convert_state_dict(state, "mu/8"))
     result = subprocess.run(
         [sys.executable, "-m", "depthg_jax.models.convert", "--variant=mu/8",
          f"--weights={tmp_path / 'absent.pth'}", f"--out={tmp_path / 'out'}"],

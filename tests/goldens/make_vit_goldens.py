@@ -32,8 +32,14 @@ CASES = {
 
 def build(patch, img_size):
     return VisionTransformer(
-        img_size=img_size, patch_size=patch, embed_dim=32, depth=1, num_heads=2,
-        mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
     ).eval()
 
 
@@ -59,7 +65,9 @@ def dino_resize_pos_embed(pos_embed, gh, gw):
     c = pos_embed.shape[-1]
     grid = pos_embed[:, 1:].reshape(1, int(g0), int(g0), c).permute(0, 3, 1, 2)
     grid = F.interpolate(
-        grid, scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0), mode="bicubic",
+        grid,
+        scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0),
+        mode="bicubic",
         align_corners=False,
     )
     assert grid.shape[-2:] == (gh, gw)
@@ -95,15 +103,20 @@ def make_case(name, patch, size, other, seed):
     feats, attn = run_timm(model, images, patch)
     other_images = rng.standard_normal((2, *other, 3)).astype(np.float32)
     resized = dict(state)
-    resized["pos_embed"] = dino_resize_pos_embed(state["pos_embed"], other[0] // patch,
-                                                 other[1] // patch)
+    resized["pos_embed"] = dino_resize_pos_embed(
+        state["pos_embed"], other[0] // patch, other[1] // patch
+    )
     other_model = build(patch, other)
     other_model.load_state_dict(resized)
     other_feats, other_attn = run_timm(other_model, other_images, patch)
     arrays = {f"sd/{k}": v.numpy() for k, v in state.items()}
     arrays.update(
-        images=images, feats=feats, attn=attn, other_images=other_images,
-        other_feats=other_feats, other_attn=other_attn,
+        images=images,
+        feats=feats,
+        attn=attn,
+        other_images=other_images,
+        other_feats=other_feats,
+        other_attn=other_attn,
         versions=np.array(f"timm {timm.__version__}, torch {torch.__version__}"),
     )
     path = OUT / f"vit_{name}.npz"

@@ -1,0 +1,100 @@
+"""Backbone forward throughput: jitted DinoViT vs timm, side by side in one run.
+
+  PYTHONPATH=. /work/timmenv/bin/python bench/backbone.py --variants=S/8,B/8 --batch=4
+
+(the timm venv also has jax/flax; with the project venv, which has no timm, only our
+figures are printed). Both models hold the same random weights; the timings alternate
+ours/timm on each repeat so that machine load affects both alike. Reports the median
+seconds per batch, images/s and the ratio ours/timm in images/s.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from depthg_jax.models.convert import convert_state_dict
+from depthg_jax.models.vit import DinoViT, get_variant
+
+try:
+    import timm
+    import torch
+except ImportError:  # timm needs torchvision; the project venv does not have it
+    timm = torch = None
+
+TIMM_NAMES = {
+    "S/8": "vit_small_patch8_224.dino",
+    "B/8": "vit_base_patch8_224.dino",
+    "S/16": "vit_small_patch16_224.dino",
+    "B/16": "vit_base_patch16_224.dino",
+}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> None:
+    spec = get_variant(variant)
+    images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    if timm is not None:
+        torch.manual_seed(0)
+        ref = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=0).eval()
+        params = convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, variant)
+        x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    else:
+        params = DinoViT(variant).init(jax.random.key(0), images[:1])["params"]
+    forward = jax.jit(lambda p, x: DinoViT(variant, dtype).apply({"params": p}, x))
+    x = jnp.asarray(images)
+    compile_s = timed(lambda: forward(params, x).block_until_ready())
+    ours, theirs = [], []
+    for _ in range(repeats):
+        ours.append(timed(lambda: forward(params, x).block_until_ready()))
+        if timm is not None:
+            with torch.inference_mode():
+                if not theirs:
+                    ref.forward_features(x_torch)  # warm-up
+                theirs.append(timed(lambda: ref.forward_features(x_torch)))
+    ours_s = statistics.median(ours)
+    line = (
+        f"{variant} {size}px batch {batch} ({spec.depth} blocks, dim {spec.dim}), "
+        f"{jnp.dtype(dtype).name}: ours {ours_s:.3f} s/batch = {batch / ours_s:.2f} img/s "
+        f"(first call incl. compile {compile_s:.1f} s)"
+    )
+    if theirs:
+        theirs_s = statistics.median(theirs)
+        line += (
+            f"; timm {theirs_s:.3f} s/batch = {batch / theirs_s:.2f} img/s; "
+            f"ours/timm throughput ratio {theirs_s / ours_s:.2f}"
+        )
+    print(line, flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="S/8,B/8")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    threads = torch.get_num_threads() if torch is not None else "n/a"
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"timm {timm.__version__ if timm else 'absent'}, torch threads {threads}, "
+        f"os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    for variant in args.variants.split(","):
+        bench_variant(variant, args.batch, args.size, args.repeats, jnp.dtype(args.dtype))
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
