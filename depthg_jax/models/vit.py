@@ -126,8 +126,8 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
     return jnp.concatenate([pos_embed[:, :1], resized.reshape(1, gh * gw, c)], axis=1)
 
 
-def _torch_linear_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Truncated normal std 0.02, DINO's init for Linear weights and the tokens."""
+def _trunc_normal_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """N(0, 0.02) truncated at +-2 (absolute), DINO's init of Linear weights and tokens."""
     return 0.02 * jax.random.truncated_normal(key, -2.0 / 0.02, 2.0 / 0.02, shape, dtype)
 
 
@@ -136,7 +136,7 @@ def _dense(features: int, name: str, dtype) -> nn.Dense:
         features,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=_torch_linear_init,
+        kernel_init=_trunc_normal_init,
         bias_init=nn.initializers.zeros,
         precision=None,
         name=name,
@@ -237,8 +237,8 @@ class DinoViT(nn.Module):
         gh, gw = check_images(images, spec.patch)
         b = images.shape[0]
         x = _PatchEmbed(spec.dim, spec.patch, self.dtype, name="patch_embed")(images)
-        cls = self.param("cls_token", _torch_linear_init, (1, 1, spec.dim))
-        pos_embed = self.param("pos_embed", _torch_linear_init, self._pos_embed_shape(spec))
+        cls = self.param("cls_token", _trunc_normal_init, (1, 1, spec.dim))
+        pos_embed = self.param("pos_embed", _trunc_normal_init, self._pos_embed_shape(spec))
         tokens = jnp.concatenate(
             [jnp.broadcast_to(cls, (b, 1, spec.dim)), x.reshape(b, -1, spec.dim)], 1
         )
