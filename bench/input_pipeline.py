@@ -59,9 +59,12 @@ def main():
     parser.add_argument("--threads", default="1,2,4,8")
     args = parser.parse_args()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     synthetic.generate_dataset(args.root, num_train=args.num_train, num_val=20, size=224)
-    print(f"synthetic set ready in {time.perf_counter() - start:.1f} s ({args.num_train} train)")
+    print(
+        f"synthetic set ready in {time.perf_counter() - start:.1f} s wall, "
+        f"{time.process_time() - cpu:.1f} s CPU ({args.num_train} train + 20 val, or reused)"
+    )
     path = knn.knn_table_path(args.root, "train", "S/8", args.res)
     if not os.path.exists(path):
         src = make_source("synthetic", args.root, "train", len(synthetic.SYNTHETIC_CLASSES))
@@ -69,6 +72,23 @@ def main():
         pool = lambda x: x.reshape(len(x), g, 8, g, 8, 3).mean((2, 4)).reshape(len(x), -1)
         knn.build_knn_table(src, pool, res=args.res, global_batch_size=32, k=30, path=path)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    # CPU seconds per pair in one thread: insensitive to other load on the machine.
+    cfg = make_config(args.root, args.res, 1, 0, 2)
+    it_ds = pipeline.TrainStream(
+        pipeline.make_source_from_config(cfg, "train"),
+        knn.load_knn_table(path),
+        res=args.res,
+        num_neighbors=7,
+        seed=0,
+        global_batch_size=args.batch,
+        process_index=0,
+        process_count=1,
+    )
+    cpu = time.process_time()
+    for i in range(100):
+        it_ds[i]
+    per_pair = (time.process_time() - cpu) / 100
+    print(f"serial: {per_pair * 1e3:.1f} ms CPU per pair ({1 / per_pair:.0f} pairs/s per core)")
     for threads in [int(t) for t in args.threads.split(",")]:
         cfg = make_config(args.root, args.res, threads, 0, max(threads, 2))
         rate = time_loader(cfg, args.batch, args.batches)
