@@ -234,11 +234,15 @@ def test_cli_writes_orbax_checkpoint_that_loads(state, tmp_path):
         (["--variant=mu/16"], "do not match variant 'mu/16'"),
         (["--variant=Q/8"], "unknown ViT variant 'Q/8'"),
         (["--variant=mu/8", "--weights=NOFILE"], "does not exist"),
+        (["--variant=mu/8", "--weights=TRUNCATED"], "not a readable torch.save zip archive"),
     ],
 )
 def test_cli_errors_write_nothing(args, message, state, tmp_path, capsys):
     weights = write_dino_formats(state, tmp_path)["plain.pth"]
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(weights.read_bytes()[:5000])
     args = [a.replace("NOFILE", str(tmp_path / "nope.pth")) for a in args]
+    args = [a.replace("TRUNCATED", str(truncated)) for a in args]
     if not any(a.startswith("--weights") for a in args):
         args.append(f"--weights={weights}")
     before = sorted(tmp_path.iterdir())
