@@ -120,7 +120,7 @@ def _to_iterator(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
     prefetch = max(1, int(data_cfg.get("prefetch", 2)))
     # Decoding releases the GIL, so threads beyond the core count still help (bench/RESULTS.md).
     threads = int(data_cfg.get("read_threads", 0)) or max(4, min(16, os.cpu_count() or 1))
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     it_ds = ds.to_iter_dataset(options)
     workers = int(data_cfg.get("worker_count", 0))
     if workers > 0:
