@@ -62,7 +62,7 @@ def test_probes_act_on_the_upsampled_code(params):
     assert out["code"].shape == (8, 4, 4, 32)
     assert out["cluster_log_probs"].shape == out["linear_logits"].shape == (8, 32, 32, N_CLASSES)
     # Reference in torch: upsample the code, then cosine to centroids, log_softmax(2 x).
-    code = torch.from_numpy(np.asarray(out["code"])).permute(0, 3, 1, 2)
+    code = torch.from_numpy(np.array(out["code"])).permute(0, 3, 1, 2)
     up = torch.nn.functional.interpolate(code, (32, 32), mode="bilinear", align_corners=False)
     centroids = torch.from_numpy(np.asarray(params["cluster_probe"]["clusters"]))
     inner = torch.einsum(
@@ -202,7 +202,7 @@ def test_cli_run_writes_report(export_dir, tmp_path):
     table = open(paths["per_class"]).read()
     assert all(n in table for n in names) and "CRF" in table
     with Image.open(paths["confusion_cluster_crf"]) as im:
-        assert im.format == "PNG" and im.mode == "RGB" and min(im.size) > 6 * 18
+        assert im.format == "PNG" and im.mode == "RGB" and min(im.size) > 6 * 28
     assert not [f for f in os.listdir(tmp_path / "report") if f.startswith(".tmp")]
     table = evaluate.format_table(results)
     assert "cluster" in table and "linear" in table and "with CRF" in table
