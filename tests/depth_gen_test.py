@@ -109,8 +109,11 @@ def reference_depth(model_dir: Path, image_path: Path) -> np.ndarray:
     image = np.asarray(Image.open(image_path).convert("RGB"))
     with torch.no_grad():
         out = model(**processor(images=image, return_tensors="pt"))
-    res = processor.post_process_depth_estimation(out, target_sizes=[image.shape[:2]])
-    return res[0]["predicted_depth"].numpy()
+    # Resized as the transformers depth pipelines do: bicubic, align_corners False.
+    resized = torch.nn.functional.interpolate(
+        out.predicted_depth[:, None], size=image.shape[:2], mode="bicubic", align_corners=False
+    )
+    return resized[0, 0].numpy()
 
 
 def run_main(argv, capsys) -> tuple[int, str]:

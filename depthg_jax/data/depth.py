@@ -207,6 +207,10 @@ def load_depth_model(
                 f"could not load depth model {name_or_path!r} (unknown hub name, or not a "
                 f"depth-estimation model?): {e2}; check the name or {how}"
             ) from e2
+    if model.config.model_type == "zoedepth" and not hasattr(
+        processor, "post_process_depth_estimation"
+    ):  # Its padding must be cropped off by the processor's own post-processing.
+        raise DepthGenError(f"ZoeDepth needs a newer transformers ({transformers.__version__})")
     dev = resolve_device(torch, device)
     model.to(dev).eval()
     return DepthModel(model, processor, nearest_is or infer_nearest_is(model.config), dev)
