@@ -19,6 +19,7 @@ import numpy as np
 MODES = ("reference", "corrected")
 PADDINGS = ("border", "zeros")
 _HIGHEST = jax.lax.Precision.HIGHEST
+_FPS_UNROLL = 1
 
 
 def _check_mode(mode: str) -> None:
@@ -246,9 +247,9 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
     # Coordinate-major rows vectorise well; summing them left to right matches NumPy's
     # ((dx² + dy²) + dz²) for parity of near-ties.
     rows = points.T
+    iota = jnp.arange(n, dtype=jnp.int32)
     start = jnp.asarray(start, jnp.int32)
-    # Selected points hold -1 so they never win the argmax again (distances are >= 0).
-    min_dist = jnp.full((n,), jnp.inf, points.dtype).at[start].set(-1)
+    min_dist = jnp.full((n,), jnp.inf, points.dtype)
     indices = jnp.zeros((num_samples,), jnp.int32).at[0].set(start)
 
     def step(i, state):
@@ -256,12 +257,19 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
         dist = (rows[0] - rows[0, last]) ** 2
         for d in range(1, rows.shape[0]):
             dist = dist + (rows[d] - rows[d, last]) ** 2
-        # fmin ignores NaN (non-finite depth): a selected point's -1 is never lost.
-        min_dist = jnp.fmin(min_dist, dist)
-        chosen = jnp.argmax(min_dist).astype(jnp.int32)  # first index on ties
-        return indices.at[i].set(chosen), min_dist.at[chosen].set(-1), chosen
+        # Selected points hold -1, below any distance, so they never win again. fmin
+        # ignores NaN (non-finite depth), so a -1 is never lost. A mask, not a scatter:
+        # it fuses with the distance computation.
+        min_dist = jnp.where(iota == last, -1, jnp.fmin(min_dist, dist))
+        # argmax with first index on ties, as two plain reductions (XLA:CPU runs a variadic
+        # argmax reduce several times slower).
+        top = jnp.max(min_dist)
+        chosen = jnp.min(jnp.where(min_dist == top, iota, n - 1))
+        return indices.at[i].set(chosen), min_dist, chosen
 
-    indices, _, _ = jax.lax.fori_loop(1, num_samples, step, (indices, min_dist, start))
+    indices, _, _ = jax.lax.fori_loop(
+        1, num_samples, step, (indices, min_dist, start), unroll=_FPS_UNROLL
+    )
     return indices
 
 

@@ -1,0 +1,140 @@
+"""Batched on-device farthest point sampling vs fpsample and the NumPy loop (SPEC §6).
+
+For B depth maps at a feature grid size, times, side by side in one run:
+  jax      `jax.jit(jax.vmap(farthest_point_sample))` over the whole batch (one call),
+  fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
+  numpy    the plain NumPy loop of SPEC §6 per map (what the release runs on the host),
+and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case.
+All three must return identical indices (checked). Median of --repeats timings.
+
+Usage: python bench/fps.py [--batch 32] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import fpsample
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from depthg_jax import sampling
+
+
+def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """SPEC §6 as a plain loop: running min squared distance, first index on ties."""
+    nearest = np.full(len(points), np.inf, points.dtype)
+    taken = np.zeros(len(points), bool)
+    order = [start]
+    taken[start] = True
+    for _ in range(n - 1):
+        d = ((points - points[order[-1]]) ** 2).sum(-1)
+        nearest = np.minimum(nearest, d)
+        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
+        order.append(pick)
+        taken[pick] = True
+    return np.array(order)
+
+
+def smooth_depth(rng: np.random.Generator, batch: int, side: int) -> np.ndarray:
+    """Plausible depth maps 0..255: a tilted plane plus blobs (no exact FPS ties)."""
+    r, c = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")
+    maps = []
+    for _ in range(batch):
+        d = rng.uniform(0.2, 0.8) * r + rng.uniform(-0.3, 0.3) * c
+        for _ in range(4):
+            cy, cx, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+            d += rng.uniform(-0.5, 0.5) * np.exp(-((r - cy) ** 2 + (c - cx) ** 2) / (2 * s * s))
+        d += rng.uniform(0, 1e-3, d.shape)
+        d = (d - d.min()) / (d.max() - d.min())
+        maps.append(d * 255)
+    return np.stack(maps).astype(np.float32)
+
+
+def time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_case(side: int, num_side: int, batch: int, repeats: int, numpy_repeats: int) -> dict:
+    rng = np.random.default_rng(side)
+    depth = smooth_depth(rng, batch, side)
+    lift = jax.jit(jax.vmap(lambda d: sampling.lift_depth(d, 90.0, 5.0, "reference")))
+    points = lift(jnp.asarray(depth)).block_until_ready()
+    points_np = np.asarray(points)
+    n = num_side * num_side
+
+    fps = jax.jit(jax.vmap(lambda p: sampling.farthest_point_sample(p, n)))
+    compile_s = time_once(lambda: fps(points).block_until_ready())
+    run_jax = lambda: fps(points).block_until_ready()
+    run_fpsample = lambda: [fpsample.fps_sampling(p, n, start_idx=0) for p in points_np]
+    run_numpy = lambda: [numpy_fps(p, n) for p in points_np]
+    got = np.asarray(run_jax())
+    same_fpsample = sum(bool((g == r).all()) for g, r in zip(got, run_fpsample(), strict=True))
+    same_numpy = sum(bool((g == r).all()) for g, r in zip(got, run_numpy(), strict=True))
+
+    # Interleaved rounds, so a change in machine load hits all three alike.
+    times = {"jax": [], "fpsample": [], "numpy": []}
+    for r in range(repeats):
+        times["jax"].append(time_once(run_jax))
+        times["fpsample"].append(time_once(run_fpsample))
+        if r < numpy_repeats:
+            times["numpy"].append(time_once(run_numpy))
+    ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    return dict(
+        case=f"{batch} maps {side}x{side} -> {n}",
+        **ms,
+        compile_s=compile_s,
+        same=f"{same_numpy}/{batch} NumPy, {same_fpsample}/{batch} fpsample",
+    )
+
+
+def bench_end_to_end(batch: int, repeats: int) -> float:
+    depth = jnp.asarray(smooth_depth(np.random.default_rng(0), batch, 224))
+    fn = jax.jit(lambda d: sampling.depth_fps_coords(d, (28, 28), 11, "reference"))
+    fn(depth).block_until_ready()
+    runs = [time_once(lambda: fn(depth).block_until_ready()) for _ in range(repeats)]
+    return float(np.median(runs)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    now = datetime.datetime.now(datetime.UTC)
+    print(
+        f"# {now:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"load average {os.getloadavg()[0]:.1f} at start, jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), fpsample {fpsample.__version__}"
+    )
+    rows = [
+        bench_case(28, 11, args.batch, args.repeats, numpy_repeats=3),
+        bench_case(112, 32, args.batch, max(3, args.repeats // 2), numpy_repeats=1),
+    ]
+    print(
+        "| case | jax batched (ms) | fpsample loop (ms) | NumPy loop (ms) | jax vs fpsample "
+        "| jax vs NumPy | compile (s) | identical indices |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['jax']:.2f} | {r['fpsample']:.2f} | {r['numpy']:.1f} | "
+            f"{r['fpsample'] / r['jax']:.1f}x | {r['numpy'] / r['jax']:.0f}x | "
+            f"{r['compile_s']:.2f} | {r['same']} |"
+        )
+    e2e = bench_end_to_end(args.batch, args.repeats)
+    print(
+        f"\ndepth_fps_coords end to end (pool 224->28, lift, FPS, coords), {args.batch} maps "
+        f"-> 121 samples: {e2e:.2f} ms; load average {os.getloadavg()[0]:.1f} at end"
+    )
+
+
+if __name__ == "__main__":
+    main()
