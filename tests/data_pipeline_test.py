@@ -188,6 +188,20 @@ def test_missing_knn_table_says_which_command_makes_it(root):
         make_train(root, 0, knn_variant="B/8")
 
 
+def test_knn_table_is_found_without_a_variant_unless_ambiguous(root, tmp_path):
+    assert pipeline.resolve_knn_path(make_config(root)).endswith("nns_S-8_train_16.npz")
+    other = str(tmp_path / "ds")
+    make_dataset(other, "train", 2)
+    with pytest.raises(
+        FileNotFoundError, match=r"nns_<variant>_train_16\.npz.*depthg_jax.data.knn"
+    ):
+        make_train(other, 0)
+    for variant in ("S/8", "B/8"):
+        knn.save_knn_table(knn.knn_table_path(other, "train", variant, R), np.zeros((2, 2)), [])
+    with pytest.raises(ValueError, match="Several KNN tables.*knn_variant"):
+        make_train(other, 0)
+
+
 def test_knn_table_of_another_split_is_rejected(root, tmp_path):
     path = str(tmp_path / "t.npz")
     knn.save_knn_table(path, np.zeros((N, 5), np.int32), [f"x{i}" for i in range(N)])

@@ -36,6 +36,34 @@ def knn_table_path(root: str, split: str, variant: str, res: int) -> str:
     return os.path.join(root, "knn", f"nns_{safe_variant}_{split}_{res}.npz")
 
 
+def find_knn_table(root: str, split: str, res: int, variant: str = "") -> str:
+    """The table for (root, split, res): of the given variant, or else the only one there.
+
+    With no variant, exactly one ``nns_*_<split>_<res>.npz`` must exist; several are an error
+    naming them (set data.knn_variant), none an error naming the command that makes one.
+    """
+    if variant:
+        return knn_table_path(root, split, variant, res)
+    folder = os.path.join(root, "knn")
+    suffix = f"_{split}_{res}.npz"
+    found = sorted(
+        f
+        for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if f.startswith("nns_") and f.endswith(suffix)
+    )
+    if len(found) > 1:
+        raise ValueError(
+            f"Several KNN tables for split {split!r} at {res} px in {folder}: {found}; "
+            "choose one with data.knn_variant (or data.knn_path)"
+        )
+    if not found:
+        raise FileNotFoundError(
+            f"No KNN table {os.path.join(folder, 'nns_<variant>' + suffix)}. "
+            f"Make it with: {KNN_COMMAND}"
+        )
+    return os.path.join(folder, found[0])
+
+
 def normalize_features(features: np.ndarray, eps: float = 1e-10) -> np.ndarray:
     """L2-normalises rows (float32), as F.normalize: x / max(||x||, eps)."""
     f = np.asarray(features, np.float32)
@@ -161,7 +189,8 @@ def build_knn_table(
 ) -> np.ndarray:
     """Features of a source (see extract_features) -> (N, min(k,N)) KNN table; saved if path.
 
-    Only process 0 writes the file.
+    Every process holds the same table and writes it (atomically), so hosts without a
+    shared disk each get their copy and a shared disk simply gets the same file.
     """
     feats = extract_features(
         source,
@@ -172,7 +201,7 @@ def build_knn_table(
         process_count=process_count,
     )
     table = compute_knn(feats, k=min(k, len(source)))
-    if path is not None and process_index == 0:
+    if path is not None:
         save_knn_table(path, table, source.ids)
         log.info("Wrote KNN table %s (%d x %d)", path, *table.shape)
     return table

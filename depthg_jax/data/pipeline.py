@@ -38,12 +38,14 @@ def make_source_from_config(data_cfg, split: str) -> datasets.ExampleSource:
 
 
 def resolve_knn_path(data_cfg) -> str:
-    """data.knn_path if set, else the standard table name for (root, train split, variant, res)."""
+    """data.knn_path if set, else the table for (root, train split, train_res) of
+    data.knn_variant, or, with no variant set, the only such table in <root>/knn/."""
     path = data_cfg.get("knn_path", "")
     if path:
         return path
-    variant = data_cfg.get("knn_variant", "") or "S/8"
-    return knn.knn_table_path(data_cfg.root, data_cfg.train_split, variant, data_cfg.train_res)
+    return knn.find_knn_table(
+        data_cfg.root, data_cfg.train_split, data_cfg.train_res, data_cfg.get("knn_variant", "")
+    )
 
 
 def _check_process_args(global_batch_size: int, process_index: int, process_count: int) -> int:
