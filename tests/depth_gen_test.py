@@ -319,6 +319,16 @@ def test_other_formats(fmt, tiny_model, tiny_model_dir, tmp_path):
             assert np.abs(got.astype(int) - expected).max() <= 1
 
 
+def test_nearest_is_override_flips_the_map(tiny_model, tiny_model_dir, tmp_path):
+    rel = write_directory_dataset(tmp_path)[2]
+    images, out = tmp_path / "images", tmp_path / "depth"
+    summary = depth_cmd.generate_depth(images, out, tiny_model, nearest_is="small", progress=False)
+    assert summary.written == 5 and tiny_model.nearest_is == "large"  # Caller's model untouched.
+    png = np.asarray(Image.open(out / depth_io.map_output_path(rel))).astype(int)
+    ref = reference_depth(tiny_model_dir, images / rel)
+    assert np.abs(png - depth_io.depth_to_png8(ref, "small").astype(int)).max() <= 1
+
+
 def test_interrupted_run_resumes(tiny_model, tmp_path):
     rels = write_directory_dataset(tmp_path)
     images, out = tmp_path / "images", tmp_path / "depth"

@@ -347,7 +347,7 @@ def generate_depth(
         return summary
     dm = model if isinstance(model, DepthModel) else load_depth_model(model, device, nearest_is)
     if nearest_is is not None:
-        dm.nearest_is = nearest_is
+        dm = dataclasses.replace(dm, nearest_is=nearest_is)
 
     bar = tqdm(total=len(todo), unit="img", desc="depth", disable=not progress, file=sys.stderr)
 
