@@ -172,8 +172,15 @@ def test_discover_images_mirrors_layouts(tmp_path):
         "train/aachen/a_leftImg8bit.png",  # Cityscapes
         "t_2_10.mat",  # Potsdam
         "val/deep/er/x.PNG",  # directory, nested ids
+        "val/y_depth.png",  # Only our depth PNG names are excluded.
     ]
-    ignored = ["train/.hidden.png", ".cache/y.png", "val/x_zoedepth.png", "notes.txt"]
+    ignored = [
+        "train/.hidden.png",
+        ".cache/y.png",
+        "val/x_zoedepth.png",
+        "val/x_zoedepth_16.png",
+        "notes.txt",
+    ]
     for f in files + ignored:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes(b"")

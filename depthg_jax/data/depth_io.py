@@ -25,15 +25,15 @@ FORMATS = ("png8", "png16", "npy")
 OUTPUT_SUFFIXES = {"png8": "_zoedepth.png", "png16": "_zoedepth_16.png", "npy": "_depth.npy"}
 # Potsdam ships its tiles as MATLAB files (key "img"); everything else is a Pillow image.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".mat")
-# Our own outputs never count as inputs, so a depth folder is never mistaken for images.
-_OUTPUT_MARKERS = ("_zoedepth", "_zoedepth_16", "_depth")
+# Depth PNGs never count as inputs, so a depth folder is never mistaken for images.
+_DEPTH_PNG_SUFFIXES = (OUTPUT_SUFFIXES["png8"], OUTPUT_SUFFIXES["png16"])
 
 
 def discover_images(images_dir: str | os.PathLike) -> list[Path]:
     """Returns every image under `images_dir` as a path relative to it, sorted.
 
-    Walks sub-folders (not symlinked ones), skips hidden files and folders and files that are
-    already depth outputs (`*_zoedepth.png`, `*_zoedepth_16.png`, `*_depth.npy`).
+    Walks sub-folders (not symlinked ones); skips hidden files and folders, and depth maps
+    (`*_zoedepth.png`, `*_zoedepth_16.png`).
     """
     root = Path(images_dir)
     found = []
@@ -43,7 +43,7 @@ def discover_images(images_dir: str | os.PathLike) -> list[Path]:
             path = Path(name)
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if path.stem.endswith(_OUTPUT_MARKERS):
+            if name.lower().endswith(_DEPTH_PNG_SUFFIXES):
                 continue
             found.append((Path(dirpath) / name).relative_to(root))
     return sorted(found)
