@@ -1,31 +1,37 @@
 """Dense CRF wall time at the evaluation size: serial vs a process pool, side by side.
 
 python bench/crf.py [--images=16] [--res=320] [--classes=27] [--workers=N]
-Inputs are synthetic: a piecewise-flat image with texture and smooth class scores from
-upsampled low-resolution noise (like upsampled probe output), plus per-pixel noise.
+Inputs: rendered synthetic scenes (depthg_jax.data.synthetic) and class scores from upsampled
+low-resolution noise plus per-pixel noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
 
-from depthg_jax import crf
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # `depthg_jax` from this checkout
+
+from depthg_jax import crf  # noqa: E402
 
 
 def make_inputs(n: int, res: int, classes: int, seed: int = 0):
+    """Rendered synthetic street scenes (flat regions, texture, noise) and blocky class scores
+    (like upsampled 40x40 probe outputs) with per-pixel noise."""
+    from depthg_jax.data import synthetic
+
     rng = np.random.default_rng(seed)
+    images = np.stack([synthetic.render_scene(rng, res)[0] for _ in range(n)])
     grid = res // 8
     low = rng.normal(0, 2, (n, grid, grid, classes)).astype(np.float32)
-    logits = low.repeat(8, axis=1).repeat(8, axis=2)  # blocky, like upsampled 40x40 outputs
+    logits = low.repeat(8, axis=1).repeat(8, axis=2)
     logits += rng.normal(0, 0.5, logits.shape).astype(np.float32)
-    regions = logits.argmax(-1)
-    palette = rng.integers(0, 256, (classes, 3))
-    images = palette[regions] + rng.normal(0, 8, regions.shape + (3,))
-    images = np.clip(images, 0, 255).astype(np.uint8)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return images, log_probs.astype(np.float32)
 
