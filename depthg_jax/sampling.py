@@ -244,32 +244,40 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
         raise ValueError(
             f"num_samples must be in [1, N={n}] for points {tuple(points.shape)}, got {num_samples}"
         )
+    # At least float32: the selection marks below are exact integers up to 2**24.
+    points = points.astype(jnp.promote_types(points.dtype, jnp.float32))
     # Coordinate-major rows vectorise well; summing them left to right matches NumPy's
     # ((dx² + dy²) + dz²) for parity of near-ties.
     rows = points.T
     iota = jnp.arange(n, dtype=jnp.int32)
     start = jnp.asarray(start, jnp.int32)
-    min_dist = jnp.full((n,), jnp.inf, points.dtype)
-    indices = jnp.zeros((num_samples,), jnp.int32).at[0].set(start)
 
+    # The loop is overhead-bound at 28x28, so its body is a handful of XLA kernels: one
+    # gather of the last point, one fused update of the running distances, two reductions.
+    # The selection order is kept in the same array: the point chosen at iteration k holds
+    # -(k + 1), below any distance (so it never wins again), instead of a per-iteration
+    # write to an index array (a scatter under vmap).
     def step(i, state):
-        indices, min_dist, last = state
-        dist = (rows[0] - rows[0, last]) ** 2
+        min_dist, last = state
+        last_point = jax.lax.dynamic_index_in_dim(points, last, axis=0, keepdims=False)
+        dist = (rows[0] - last_point[0]) ** 2
         for d in range(1, rows.shape[0]):
-            dist = dist + (rows[d] - rows[d, last]) ** 2
-        # Selected points hold -1, below any distance, so they never win again. fmin
-        # ignores NaN (non-finite depth), so a -1 is never lost. A mask, not a scatter:
-        # it fuses with the distance computation.
-        min_dist = jnp.where(iota == last, -1, jnp.fmin(min_dist, dist))
-        # argmax with first index on ties, as two plain reductions (XLA:CPU runs a variadic
-        # argmax reduce several times slower).
+            dist = dist + (rows[d] - last_point[d]) ** 2
+        # fmin ignores NaN (non-finite depth), so a negative mark is never lost.
+        mark = -i.astype(points.dtype)  # `last` was chosen at iteration i - 1
+        min_dist = jnp.where(iota == last, mark, jnp.fmin(min_dist, dist))
+        # argmax with the first index on ties, as two plain reductions (XLA:CPU runs a
+        # variadic argmax reduce several times slower).
         top = jnp.max(min_dist)
         chosen = jnp.min(jnp.where(min_dist == top, iota, n - 1))
-        return indices.at[i].set(chosen), min_dist, chosen
+        return min_dist, chosen
 
-    indices, _, _ = jax.lax.fori_loop(
-        1, num_samples, step, (indices, min_dist, start), unroll=_FPS_UNROLL
-    )
+    init = (jnp.full((n,), jnp.inf, points.dtype), start)
+    min_dist, last = jax.lax.fori_loop(1, num_samples, step, init, unroll=_FPS_UNROLL)
+    # Iteration positions of the marked points (unmarked: n, dropped), then the final pick.
+    position = jnp.where(min_dist < 0, -min_dist - 1, n).astype(jnp.int32)
+    indices = jnp.zeros((num_samples,), jnp.int32).at[position].set(iota, mode="drop")
+    indices = indices.at[num_samples - 1].set(last)
     return indices
 
 
