@@ -155,8 +155,7 @@ def evaluate_loader(
     own_pool = crf and crf_pool is None
     pool = crf_lib.make_crf_pool() if own_pool else crf_pool
     keys = PROBES + tuple(f"{p}_crf" for p in PROBES) if crf else PROBES
-    totals = {k: None for k in keys}
-    num_images = 0
+    totals = {k: None for k in keys + ("num_images",)}
     crf_time = 0.0
     start = time.perf_counter()
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -179,15 +178,15 @@ def evaluate_loader(
             outs = step(params, g["image"], g["label"], g["valid"])
             add("cluster", outs[0])
             add("linear", outs[1])
-            num_images += int(outs[2])
+            add("num_images", outs[2])  # kept on device: no host sync per batch
             if crf:
-                t0 = time.perf_counter()
                 images = np.asarray(batch["image"])
                 valid = np.asarray(batch["valid"], bool)
+                scores = [_local_rows(outs[3])[valid], _local_rows(outs[4])[valid]]
+                t0 = time.perf_counter()
                 # Both probes' images in one call keeps every worker busy to the end.
                 refined = [np.zeros(images.shape[:3], np.int32) for _ in PROBES]
                 if valid.any():
-                    scores = [_local_rows(outs[3])[valid], _local_rows(outs[4])[valid]]
                     both = crf_lib.dense_crf_batch(
                         np.concatenate([images[valid]] * 2), np.concatenate(scores), pool
                     )
@@ -204,6 +203,7 @@ def evaluate_loader(
         bar.close()
         if own_pool:
             pool.shutdown()
+    num_images = 0 if totals["num_images"] is None else int(totals["num_images"])
     if num_images == 0:
         raise ValueError("the evaluation loader gave no valid images (empty split?)")
     confusions = {k: np.asarray(jax.device_get(v)).astype(np.int64) for k, v in totals.items()}
