@@ -44,10 +44,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
     images, log_probs = make_inputs(args.images, args.res, args.classes)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     serial = crf.dense_crf_batch(images, log_probs)
-    t_serial = time.perf_counter() - start
+    t_serial, cpu_serial = time.perf_counter() - start, time.process_time() - cpu
 
     start = time.perf_counter()
     pool = crf.make_crf_pool(args.workers)
@@ -61,7 +62,10 @@ def main() -> None:
 
     n = args.images
     print(f"{n} images {args.res}x{args.res}, {args.classes} classes, {os.cpu_count()} cores")
-    print(f"serial: {t_serial:.2f} s ({1e3 * t_serial / n:.0f} ms/image)")
+    print(
+        f"serial: {t_serial:.2f} s ({1e3 * t_serial / n:.0f} ms/image; CPU time "
+        f"{1e3 * cpu_serial / n:.0f} ms/image); load average before: {load}"
+    )
     print(
         f"pool({args.workers}): {t_pool:.2f} s ({1e3 * t_pool / n:.0f} ms/image), "
         f"speed-up {t_serial / t_pool:.2f}x; pool start-up {t_start:.2f} s"
