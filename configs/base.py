@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.knn_path = ""
     config.data.knn_variant = ""  # Backbone whose features define neighbours ("" = model.variant).
     config.data.worker_count = 0  # grain worker processes per host (0: in-process).
+    config.data.read_threads = 0  # Decode threads per host (0: max(4, min(16, cpu_count))).
     config.data.prefetch = 2  # Batches prefetched to device ahead of the step.
     # Only for name == "synthetic" (generated on first use under <workdir>/synthetic_data):
     config.data.synthetic_train = 256  # Generated training images.

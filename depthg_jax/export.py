@@ -28,8 +28,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
     with open(config_file) as f:
         config = ml_collections.ConfigDict(json.load(f))
     models = train.build_models(config)
-    root_key = jax.random.key(config.seed)
-    k_backbone, k_state, _ = jax.random.split(root_key, 3)
+    k_backbone, k_state, _ = train.run_keys(config)
     state = train.create_train_state(config, models, k_state)
     manager = checkpoint.make_manager(
         os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints, save_every=1

@@ -19,7 +19,6 @@ import numpy as np
 MODES = ("reference", "corrected")
 PADDINGS = ("border", "zeros")
 _HIGHEST = jax.lax.Precision.HIGHEST
-_FPS_UNROLL = 1
 
 
 def _check_mode(mode: str) -> None:
@@ -105,7 +104,9 @@ def grid_sample(
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     fn = lambda xi, gi: _grid_sample_one(xi, gi, align_corners, padding)
-    return jax.vmap(fn)(x, grid.astype(x.dtype))
+    # Positions and weights in at least float32 (bf16 coordinates would move the samples).
+    dtype = jnp.promote_types(jnp.promote_types(x.dtype, grid.dtype), jnp.float32)
+    return jax.vmap(fn)(x.astype(dtype), grid.astype(dtype)).astype(x.dtype)
 
 
 def sample(x: jax.Array, coords: jax.Array) -> jax.Array:
@@ -273,7 +274,7 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
         return min_dist, chosen
 
     init = (jnp.full((n,), jnp.inf, points.dtype), start)
-    min_dist, last = jax.lax.fori_loop(1, num_samples, step, init, unroll=_FPS_UNROLL)
+    min_dist, last = jax.lax.fori_loop(1, num_samples, step, init)
     # Iteration positions of the marked points (unmarked: n, dropped), then the final pick.
     position = jnp.where(min_dist < 0, -min_dist - 1, n).astype(jnp.int32)
     indices = jnp.zeros((num_samples,), jnp.int32).at[position].set(iota, mode="drop")

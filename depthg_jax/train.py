@@ -91,14 +91,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.loss.feature_samples={config.loss.feature_samples}: "
             f"{config.loss.feature_samples}^2 samples exceed the {grid} feature-grid points"
         )
-    if not config.model.weights and not config.model.allow_random_backbone:
-        raise ValueError(
-            "config.model.weights is empty. DepthG distils a pretrained DINO backbone: download "
-            f"the official weights for {config.model.variant} (see README, section Weights), then "
-            f"`python -m depthg_jax.models.convert --variant={config.model.variant} --weights=FILE "
-            "--out=DIR` and pass --config.model.weights=DIR (a .pth/.safetensors file also works). "
-            "Set --config.model.allow_random_backbone=True only for smoke tests."
-        )
+    check_backbone_weights(config)
 
 
 # --------------------------------------------------------------------------------------
@@ -115,8 +108,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
+def check_backbone_weights(config: ml_collections.ConfigDict) -> None:
+    """Refuses a random backbone unless the config explicitly allows one (demo, tests)."""
+    if not config.model.weights and not config.model.allow_random_backbone:
+        raise ValueError(
+            "config.model.weights is empty. DepthG distils a pretrained DINO backbone: download "
+            f"the official weights for {config.model.variant} (see README, section Weights), then "
+            f"`python -m depthg_jax.models.convert --variant={config.model.variant} --weights=FILE "
+            "--out=DIR` and pass --config.model.weights=DIR (a .pth/.safetensors file also works). "
+            "Set --config.model.allow_random_backbone=True only for smoke tests."
+        )
+
+
+def run_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(backbone init, train-state init, per-step root) keys, all derived from config.seed."""
+    k_backbone, k_state, k_step = jax.random.split(jax.random.key(config.seed), 3)
+    return k_backbone, k_state, k_step
+
+
 def init_backbone(config: ml_collections.ConfigDict, models: Models, key: jax.Array) -> dict:
     """Loads the configured pretrained backbone, or a random one where the config allows it."""
+    check_backbone_weights(config)
     if config.model.weights:
         from depthg_jax.models import convert
 
@@ -283,7 +295,7 @@ def train_step(
     )
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -500,8 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
 
     models = build_models(config)
-    root_key = jax.random.key(config.seed)
-    k_backbone, k_state, k_step = jax.random.split(root_key, 3)
+    k_backbone, k_state, k_step = run_keys(config)
     backbone_params = init_backbone(config, models, k_backbone)
     prepare_data(config, workdir)
     write_config(config, workdir)

@@ -255,7 +255,7 @@ def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30) -> str:
         data_cfg.root, data_cfg.train_split, variant, data_cfg.train_res
     )
     source = pipeline.make_source_from_config(data_cfg, data_cfg.train_split)
-    params = load_params(config, variant, data_cfg.train_res)
+    params = load_params(config, variant)
     global_batch = per_device_batch * jax.device_count()
     build_knn_table(
         source,
@@ -274,24 +274,30 @@ def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30) -> str:
     return path
 
 
-def load_params(config, variant: str, res: int):
-    """Backbone params: converted weights, or a seeded random init when explicitly allowed."""
+def load_params(config, variant: str):
+    """Backbone params: converted weights, or the trainer's seeded random init when allowed.
+
+    For the training variant this is exactly the backbone `train.train_and_evaluate` uses, so
+    a demo run's neighbours come from the same (random) features it trains on.
+    """
     import jax
     import jax.numpy as jnp
 
-    from depthg_jax.models.vit import DinoViT
+    from depthg_jax import train
 
+    if variant == config.model.variant:
+        return train.init_backbone(config, train.build_models(config), train.run_keys(config)[0])
     if config.model.weights:
-        from depthg_jax.models.convert import load_backbone
-
-        return load_backbone(config.model.weights, variant)
-    if not config.model.get("allow_random_backbone", False):
         raise ValueError(
-            "config.model.weights is empty: pass --config.model.weights=PATH (DINO weights), "
-            "or set --config.model.allow_random_backbone=True for a random backbone"
+            f"config.model.weights holds {config.model.variant} weights but the KNN table is "
+            f"requested for data.knn_variant={variant!r}: run the KNN command with "
+            f"--config.model.variant={variant} and that variant's weights"
         )
+    from depthg_jax.models.vit import DinoViT, patch_size
+
+    train.check_backbone_weights(config)
     log.warning("KNN table from a RANDOMLY initialised %s backbone (no weights given)", variant)
-    dummy = jnp.zeros((1, res, res, 3), jnp.float32)
+    dummy = jnp.zeros((1, 2 * patch_size(variant), 2 * patch_size(variant), 3), jnp.float32)
     return DinoViT(variant).init(jax.random.key(config.seed), dummy)["params"]
 
 
