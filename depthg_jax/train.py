@@ -84,7 +84,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("train_res", "eval_res"):
         res = config.data[field]
         if res % patch:
-            raise ValueError(f"config.data.{field}={res} is not divisible by the patch size {patch}")
+            raise ValueError(
+                f"config.data.{field}={res} is not divisible by the patch size {patch}"
+            )
     grid = (config.data.train_res // patch) ** 2
     if config.loss.feature_samples**2 > grid:
         raise ValueError(
@@ -101,11 +103,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Adam with PyTorch defaults: the head at lr, each probe at probe_lr (SPEC §3)."""
-    labels = {"head": "head", "cluster_probe": "probe", "linear_probe": "probe"}
     return optax.multi_transform(
         {"head": optax.adam(config.optim.lr), "probe": optax.adam(config.optim.probe_lr)},
-        lambda params: {k: jax.tree.map(lambda _: labels[k], v) for k, v in params.items()},
+        _param_groups,
     )
+
+
+def _param_groups(params: dict) -> dict:
+    group = {"head": "head", "cluster_probe": "probe", "linear_probe": "probe"}
+    return {name: jax.tree.map(lambda _, g=group[name]: g, sub) for name, sub in params.items()}
 
 
 def check_backbone_weights(config: ml_collections.ConfigDict) -> None:
@@ -602,12 +608,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.write(_format_val(done, last_val))
                 if config.train.image_every and done % config.train.image_every == 0:
                     summaries.write_image_summary(
-                        workdir, done, {"backbone": backbone_params, **state.params}, config,
-                        eval_loader(1), last_val,
+                        workdir,
+                        done,
+                        {"backbone": backbone_params, **state.params},
+                        config,
+                        eval_loader(1),
+                        last_val,
                     )
-                checkpoint.save_train_state(
-                    manager, done, state, data_state, metrics=val_metrics
-                )
+                checkpoint.save_train_state(manager, done, state, data_state, metrics=val_metrics)
                 check_now = jax.process_count() == 1 or done % config.train.log_every == 0
                 if check_now and _any_process(preemption.requested):
                     checkpoint.save_train_state(manager, done, state, data_state, force=True)
@@ -631,14 +639,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results["untrained_head"] = _val_summary(untrained)
         results["kmeans_backbone"] = _val_summary(
             baselines.evaluate_kmeans(
-                backbone_params, config.model, config.data.n_classes, eval_loader(0),
-                seed=config.seed, mesh=mesh,
+                backbone_params,
+                config.model,
+                config.data.n_classes,
+                eval_loader(0),
+                seed=config.seed,
+                mesh=mesh,
             )
         )
         print(_format_baselines(results), flush=True)
     summaries.write_image_summary(
-        workdir, final_step, {"backbone": backbone_params, **state.params}, config,
-        eval_loader(1), final,
+        workdir,
+        final_step,
+        {"backbone": backbone_params, **state.params},
+        config,
+        eval_loader(1),
+        final,
     )
     logger.write(final_step, results["trained"])
     logger.close()
