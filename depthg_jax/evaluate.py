@@ -371,16 +371,21 @@ def class_names_for(dataset: str, n_classes: int) -> list[str]:
 # --- Command line ------------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "An export directory (python -m depthg_jax.export).")
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Optional config file whose data and eval sections replace the checkpoint's "
-    "(override fields with --config.data.root=...). The model always comes from the checkpoint.",
-    lock_config=True,
-)
-flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")
-flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (the trainer imports this module)."""
+    flags.DEFINE_string("checkpoint", None, "An export directory (python -m depthg_jax.export).")
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Optional config file whose data and eval sections replace the checkpoint's "
+        "(override fields with --config.data.root=...). The model always comes from the "
+        "checkpoint.",
+        lock_config=True,
+    )
+    flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")
+    flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
 
 
 def check_model_matches(checkpoint_cfg, other_cfg) -> None:
@@ -459,4 +464,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -32,15 +32,23 @@ def default_palette(n: int) -> np.ndarray:
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def dataset_colours(dataset: str) -> np.ndarray | None:
+    """The dataset's own colour map (n, 3) uint8, or None if it has none."""
+    from depthg_jax.data import datasets, synthetic
+
+    if dataset == "synthetic":
+        return np.asarray(synthetic.SYNTHETIC_COLORS, np.uint8)
+    if not (datasets.ASSETS_DIR / f"{dataset}.json").is_file():
+        return None
+    colours = datasets.load_dataset_info(dataset).get("colors")
+    return None if colours is None else np.asarray(colours, np.uint8)
+
+
 def palette_for(dataset: str, n: int) -> np.ndarray:
-    """The dataset's colour map (n, 3) uint8 if it defines one for n classes, else the default."""
-    try:
-        from depthg_jax.data import classes
-    except ImportError:
-        return default_palette(n)
-    colours = classes.COLOUR_MAPS.get(dataset) if hasattr(classes, "COLOUR_MAPS") else None
+    """(n, 3) uint8: the dataset's colours if it defines at least n, else `default_palette(n)`."""
+    colours = dataset_colours(dataset)
     if colours is not None and len(colours) >= n:
-        return np.asarray(colours[:n], np.uint8)
+        return colours[:n]
     return default_palette(n)
 
 
