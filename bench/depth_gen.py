@@ -12,6 +12,7 @@ printed beside wall time because a shared machine's load inflates wall time.
 """
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +82,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="depth_bench_"))
+    try:
+        run(tmp, args)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def run(tmp: Path, args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     for i in range(args.images):
         img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
