@@ -5,7 +5,8 @@ For B depth maps at a feature grid size, times, side by side in one run:
   fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
   numpy    the plain NumPy loop of SPEC §6 per map (what the release runs on the host),
 and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case.
-All three must return identical indices (checked). Median of --repeats timings.
+All three must return identical indices (checked). Rounds interleave the three; medians of
+--repeats rounds, wall clock and process CPU time.
 
 Usage: python bench/fps.py [--batch 32] [--repeats 5]
 """
@@ -56,10 +57,15 @@ def smooth_depth(rng: np.random.Generator, batch: int, side: int) -> np.ndarray:
     return np.stack(maps).astype(np.float32)
 
 
-def time_once(fn) -> float:
+def time_once(fn, cpu: list | None = None) -> float:
+    """Wall seconds of fn(); its process CPU seconds (all threads) appended to `cpu`."""
+    c = time.process_time()
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
+    return wall
 
 
 def bench_case(side: int, num_side: int, batch: int, repeats: int, numpy_repeats: int) -> dict:
@@ -81,12 +87,14 @@ def bench_case(side: int, num_side: int, batch: int, repeats: int, numpy_repeats
 
     # Interleaved rounds, so a change in machine load hits all three alike.
     times = {"jax": [], "fpsample": [], "numpy": []}
+    cpu = {"jax": [], "fpsample": [], "numpy": []}
     for r in range(repeats):
-        times["jax"].append(time_once(run_jax))
-        times["fpsample"].append(time_once(run_fpsample))
+        times["jax"].append(time_once(run_jax, cpu["jax"]))
+        times["fpsample"].append(time_once(run_fpsample, cpu["fpsample"]))
         if r < numpy_repeats:
-            times["numpy"].append(time_once(run_numpy))
+            times["numpy"].append(time_once(run_numpy, cpu["numpy"]))
     ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    ms.update({f"{k}_cpu": float(np.median(v)) * 1e3 for k, v in cpu.items()})
     return dict(
         case=f"{batch} maps {side}x{side} -> {n}",
         **ms,
@@ -128,6 +136,15 @@ def main() -> None:
             f"| {r['case']} | {r['jax']:.2f} | {r['fpsample']:.2f} | {r['numpy']:.1f} | "
             f"{r['fpsample'] / r['jax']:.1f}x | {r['numpy'] / r['jax']:.0f}x | "
             f"{r['compile_s']:.2f} | {r['same']} |"
+        )
+    print("\nProcess CPU time (all threads), same runs:\n")
+    print("| case | jax (ms) | fpsample (ms) | NumPy (ms) | jax vs fpsample | jax vs NumPy |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['jax_cpu']:.2f} | {r['fpsample_cpu']:.2f} | "
+            f"{r['numpy_cpu']:.1f} | {r['fpsample_cpu'] / r['jax_cpu']:.1f}x | "
+            f"{r['numpy_cpu'] / r['jax_cpu']:.0f}x |"
         )
     e2e = bench_end_to_end(args.batch, args.repeats)
     print(
