@@ -234,3 +234,16 @@ def test_potsdam_reads_mat_files_split_lists_and_coarse_mapping(tmp_path):
     assert datasets.make_source("potsdam3", root, "val", 3).ids == ["1_2"]
     unl = datasets.make_source("potsdam3", root, "unlabelled_train", 3)[0]
     assert (unl["label"] == -1).all()
+
+
+def test_potsdam_float_images_scale_like_to_pil_image():
+    # torchvision's to_pil_image on a float tensor does pic.mul(255).byte(): scale, truncate.
+    import torch
+
+    from depthg_jax.data.datasets import potsdam_to_uint8
+
+    img = np.random.default_rng(0).uniform(0, 1, (5, 7, 3)).astype(np.float32)
+    expected = torch.from_numpy(img).mul(255).byte().numpy()
+    np.testing.assert_array_equal(potsdam_to_uint8(img), expected)
+    as_uint8 = (img * 200).astype(np.uint8)
+    np.testing.assert_array_equal(potsdam_to_uint8(as_uint8), as_uint8)

@@ -129,10 +129,16 @@ def read_potsdam_image(path: str) -> np.ndarray:
         raise ValueError(f"Cannot read Potsdam image {path}: {e}") from e
     if img.ndim != 3 or img.shape[-1] < 3:
         raise ValueError(f"Potsdam image {path} has shape {img.shape}, expected (H,W,>=3)")
-    img = img[..., :3]
-    if img.dtype != np.uint8:
-        img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return img
+    return potsdam_to_uint8(img[..., :3])
+
+
+def potsdam_to_uint8(img: np.ndarray) -> np.ndarray:
+    """As STEGO's `to_pil_image`: uint8 kept, floats scaled by 255 and truncated (clipped here)."""
+    if img.dtype == np.uint8:
+        return img
+    if np.issubdtype(img.dtype, np.floating):
+        return np.clip(img.astype(np.float64) * 255.0, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def read_potsdam_label(path: str) -> np.ndarray:

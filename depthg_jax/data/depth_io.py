@@ -189,10 +189,6 @@ def _read_mat_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: .mat file has no 'img' array") from e
     if arr.ndim != 3 or arr.shape[2] < 3:
         raise ValueError(f"{path}: expected an (H, W, >=3) 'img' array, got shape {arr.shape}")
-    arr = arr[..., :3]
-    if arr.dtype == np.uint8:
-        return arr
-    arr = arr.astype(np.float64)
-    if arr.max(initial=0.0) <= 1.0:
-        arr = arr * 255.0
-    return np.clip(arr, 0, 255).astype(np.uint8)
+    from depthg_jax.data.datasets import potsdam_to_uint8
+
+    return potsdam_to_uint8(arr[..., :3])
