@@ -5,7 +5,7 @@ Parses flags, initialises multi-host JAX when several processes run, and hands o
 """
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -38,6 +38,7 @@ def initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO.
     initialize_distributed()
     from depthg_jax import train
 
