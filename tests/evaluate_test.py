@@ -64,7 +64,7 @@ def test_probes_act_on_the_upsampled_code(params):
     # Reference in torch: upsample the code, then cosine to centroids, log_softmax(2 x).
     code = torch.from_numpy(np.array(out["code"])).permute(0, 3, 1, 2)
     up = torch.nn.functional.interpolate(code, (32, 32), mode="bilinear", align_corners=False)
-    centroids = torch.from_numpy(np.asarray(params["cluster_probe"]["clusters"]))
+    centroids = torch.from_numpy(np.array(params["cluster_probe"]["clusters"]))
     inner = torch.einsum(
         "bchw,nc->bnhw",
         torch.nn.functional.normalize(up, dim=1),
