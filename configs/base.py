@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = "directory"  # "cocostuff27", "cityscapes27", "potsdam3", "directory".
     config.data.root = ""  # Dataset root on local disk (see README for each layout).
     config.data.n_classes = 27  # Number of ground-truth classes (and clusters).
+    # Evaluation data, when it differs from the training data (e.g. training on five-crops
+    # written as a "directory" dataset, evaluating on the original split): "" = same as above.
+    config.data.eval_name = ""
+    config.data.eval_root = ""
     config.data.train_split = "train"
     config.data.eval_split = "val"
     config.data.train_res = 224  # Training crop size (resize shorter side, centre crop).

@@ -69,15 +69,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.variant={config.model.variant!r}; expected one of {sorted(vit.VARIANTS)}"
         )
-    if config.data.name not in DATASETS:
-        raise ValueError(f"config.data.name={config.data.name!r}; expected one of {DATASETS}")
-    if config.data.name != "synthetic" and not config.data.root:
-        raise ValueError(
-            f"config.data.root is empty: set --config.data.root=DIR to the {config.data.name} "
-            "dataset (README, section Data)"
-        )
-    if config.data.name != "synthetic" and not os.path.isdir(config.data.root):
-        raise FileNotFoundError(f"config.data.root={config.data.root!r} is not a directory")
+    for name_field, root_field in (("name", "root"), ("eval_name", "eval_root")):
+        name = config.data[name_field] or config.data.name
+        root = config.data[root_field] or config.data.root
+        if name not in DATASETS:
+            raise ValueError(f"config.data.{name_field}={name!r}; expected one of {DATASETS}")
+        if name == "synthetic":
+            continue
+        if not root:
+            raise ValueError(
+                f"config.data.{root_field} is empty: set --config.data.{root_field}=DIR to the "
+                f"{name} dataset (README, section Data)"
+            )
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"config.data.{root_field}={root!r} is not a directory")
     if config.loss.sampling not in ("fps", "random"):
         raise ValueError(f"config.loss.sampling={config.loss.sampling!r}; use 'fps' or 'random'")
     patch = vit.patch_size(config.model.variant)
@@ -422,6 +427,14 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
+def eval_data_config(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The data section the evaluation reads: eval_name/eval_root where set, else the same."""
+    out = ml_collections.ConfigDict(data_cfg.to_dict())
+    out.name = data_cfg.eval_name or data_cfg.name
+    out.root = data_cfg.eval_root or data_cfg.root
+    return out
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Resolves data defaults; makes the generated demo data and its KNN table on first use.
 
@@ -547,9 +560,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loader.set_state(data_state)
         print(f"Resumed from {workdir}/checkpoints at step {start}", flush=True)
 
+    eval_data = eval_data_config(config.data)
+
     def eval_loader(max_batches: int):
         return pipeline.make_eval_loader(
-            config.data,
+            eval_data,
             global_batch_size=config.eval.batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
