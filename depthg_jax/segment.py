@@ -71,17 +71,9 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def colours_for(dataset: str, n: int) -> np.ndarray:
-    """(n, 3) uint8: the dataset's colours from data/<name>.json if it has n, else a palette."""
+    """(n, 3) uint8: the dataset's colour map if it has one for n ids, else a fixed palette."""
     from depthg_jax import palette
 
-    try:
-        from depthg_jax.data import datasets
-
-        colours = datasets.load_dataset_info(dataset).get("colors")
-        if colours is not None and len(colours) >= n:
-            return np.asarray(colours[:n], np.uint8)
-    except (OSError, ValueError, ImportError):
-        pass
     return palette.palette_for(dataset, n)
 
 

@@ -60,7 +60,8 @@ def test_segment_writes_real_pngs_of_the_input_size(export_dir, images_dir, tmp_
     )
     err = capsys.readouterr().err
     assert code == 1 and "broken.jpg" in err  # the unreadable image is named, others done
-    colours = segment.colours_for("synthetic", N_CLASSES)
+    colours = palette.palette_for("synthetic", N_CLASSES)  # the synthetic set's own colours
+    np.testing.assert_array_equal(colours, palette.dataset_colours("synthetic")[:N_CLASSES])
     for name, (w, h) in EXPECTED.items():
         with Image.open(out / "labels" / f"{name}.png") as im:
             assert im.format == "PNG" and im.size == (w, h) and im.mode == "L"
