@@ -26,7 +26,7 @@ def torch_conv(dense_params) -> torch.nn.Conv2d:
     conv = torch.nn.Conv2d(kernel.shape[0], kernel.shape[1], 1)
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(kernel.T.copy())[:, :, None, None])
-        conv.bias.copy_(torch.from_numpy(np.asarray(dense_params["bias"])))
+        conv.bias.copy_(torch.from_numpy(np.array(dense_params["bias"])))
     return conv
 
 
@@ -147,7 +147,7 @@ def test_cluster_probe_matches_torch_cosine():
     probe = ClusterProbe(n_classes=5)
     params = probe.init(jax.random.key(0), code)["params"]
     inner = probe.apply({"params": params}, code)
-    clusters = torch.from_numpy(np.asarray(params["clusters"]))
+    clusters = torch.from_numpy(np.array(params["clusters"]))
     ref = torch.einsum(
         "bchw,nc->bnhw", F.normalize(to_nchw(code), dim=1), F.normalize(clusters, dim=1)
     )

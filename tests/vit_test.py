@@ -1,6 +1,5 @@
 """DinoViT against timm goldens and PyTorch bicubic; shapes, dtypes and bad input."""
 
-import functools
 from pathlib import Path
 
 import jax
@@ -22,21 +21,37 @@ from depthg_jax.models.vit import (
 GOLDENS = Path(__file__).parent / "goldens"
 # fp32 agreement with timm measured at <= 1.7e-6 on these goldens (features up to ~3.8).
 GOLDEN_ATOL = 1e-5
-# bf16 compute vs fp32 on LayerNorm-ed features (values up to ~4), random init and inputs,
-# 3 seeds: max abs error 0.016-0.021 (mu/8), 0.060-0.066 (S/8); mean abs 0.0030 and 0.0068.
+# bf16 compute vs fp32 on LayerNorm-ed features (values up to ~4), random_params and
+# N(0, 1) inputs at 32 px, 3 seeds: max abs error 0.023-0.027 (mu/8), 0.051-0.066 (S/8);
+# mean abs 0.0033-0.0037 and 0.0089-0.0090. Full size at 224/320: bench/RESULTS.md.
 BF16_MAX_ATOL = {"mu/8": 0.05, "S/8": 0.12}
-BF16_MEAN_ATOL = {"mu/8": 0.005, "S/8": 0.01}
+BF16_MEAN_ATOL = {"mu/8": 0.006, "S/8": 0.015}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def forward(variant, params, images, dtype=jnp.float32, return_attention=False):
+    # Eager on purpose: op-by-op compiles are shared across blocks, a jit of 12 blocks is not.
     model = DinoViT(variant, dtype=dtype)
     return model.apply({"params": params}, images, return_attention=return_attention)
 
 
+def random_params(variant: str, seed: int) -> dict:
+    """DINO-like random weights built in numpy (cheaper than init): N(0, 0.02) weights and
+    biases, LayerNorm scales 1 + N(0, 0.1), a 224 px position grid."""
+    rng = np.random.default_rng(seed)
+    g0 = 224 // patch_size(variant)
+    state = {}
+    for key, shape in expected_shapes(variant, g0 * g0).items():
+        is_norm_scale = key.endswith(("norm1.weight", "norm2.weight")) or key == "norm.weight"
+        value = (
+            1 + 0.1 * rng.standard_normal(shape) if is_norm_scale else rng.standard_normal(shape)
+        )
+        state[key] = (value if is_norm_scale else 0.02 * value).astype(np.float32)
+    return convert_state_dict(state, variant)
+
+
 @pytest.fixture(scope="module")
 def mu8_params():
-    return DinoViT("mu/8").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    return random_params("mu/8", 0)
 
 
 def load_golden(name: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -119,8 +134,8 @@ def test_pos_embed_grid_follows_loaded_params():
 @pytest.mark.parametrize("variant", ["mu/8", "S/8"])
 def test_bf16_forward_close_to_fp32(variant):
     p = patch_size(variant)
-    x = jax.random.normal(jax.random.key(1), (2, 4 * p, 4 * p, 3))
-    params = jax.jit(DinoViT(variant).init)(jax.random.key(0), x)["params"]
+    x = np.random.default_rng(1).standard_normal((2, 4 * p, 4 * p, 3)).astype(np.float32)
+    params = random_params(variant, 0)
     f32 = forward(variant, params, x)
     bf16 = forward(variant, params, x, jnp.bfloat16)
     assert bf16.dtype == jnp.float32
@@ -131,7 +146,7 @@ def test_bf16_forward_close_to_fp32(variant):
 
 
 def test_attention_rows_are_distributions(mu8_params):
-    x = jax.random.normal(jax.random.key(2), (2, 16, 24, 3))
+    x = np.random.default_rng(2).standard_normal((2, 16, 24, 3)).astype(np.float32)
     feats, attn = forward("mu/8", mu8_params, x, jnp.float32, True)
     assert feats.shape == (2, 2, 3, 32)
     assert attn.shape == (2, 2, 7, 7)
