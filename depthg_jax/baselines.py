@@ -43,9 +43,33 @@ def fit_spherical_kmeans(key: jax.Array, x: jax.Array, k: int, iters: int = 50) 
     return centroids
 
 
+def backbone_embedding(model_cfg: ml_collections.ConfigDict):
+    """embed(backbone_params, images uint8 (B,H,W,3)) -> raw backbone features (B,h,w,C)."""
+    from depthg_jax.inference import normalize_images
+
+    backbone = vit.DinoViT(variant=model_cfg.variant, dtype=jnp.dtype(model_cfg.dtype))
+
+    def embed(backbone_params, images):
+        return backbone.apply({"params": backbone_params}, normalize_images(images))
+
+    return embed
+
+
+def code_embedding(model_cfg: ml_collections.ConfigDict):
+    """embed(params {"backbone", "head", ...}, images uint8) -> the head's code (B,h,w,K)."""
+    from depthg_jax.inference import compute_code
+
+    def embed(params, images):
+        return compute_code(
+            params, images, variant=model_cfg.variant, dim=model_cfg.dim, dtype=model_cfg.dtype
+        )
+
+    return embed
+
+
 def evaluate_kmeans(
-    backbone_params: dict,
-    model_cfg: ml_collections.ConfigDict,
+    embed,
+    params,
     n_classes: int,
     loader,
     *,
@@ -53,27 +77,25 @@ def evaluate_kmeans(
     mesh=None,
     points_per_image: int = 64,
 ) -> dict:
-    """Clusters backbone features of the split into n_classes, scored with Hungarian matching.
+    """Clusters embeddings of the split into n_classes, scored with Hungarian matching.
 
-    Returns {"cluster": metrics.scores(...)}: k-means is fitted on a random subset of
-    feature-grid pixels, then every label pixel is assigned via bilinearly upsampled features.
+    `embed(params, images)` maps uint8 images (B,H,W,3) to (B,h,w,D) (`backbone_embedding`,
+    `code_embedding`).
+    Returns {"cluster": metrics.scores(...)}: cosine k-means is fitted on a random subset of
+    grid pixels, then every label pixel is assigned via bilinearly upsampled embeddings.
     """
-    from depthg_jax.inference import normalize_images
-
     if jax.process_count() > 1:
         raise ValueError("the k-means baseline runs in single-process runs only (the demo)")
     mesh = sharding.make_mesh() if mesh is None else mesh
-    backbone = vit.DinoViT(variant=model_cfg.variant, dtype=jnp.dtype(model_cfg.dtype))
 
     @jax.jit
-    def features(images):
-        f = backbone.apply({"params": backbone_params}, normalize_images(images))
-        return _normalize(f.astype(jnp.float32))
+    def features(params, images):
+        return _normalize(embed(params, images).astype(jnp.float32))
 
     rng = np.random.default_rng(seed)
     picked = []
     for batch in loader:
-        f = np.asarray(features(np.asarray(batch["image"])))
+        f = np.asarray(features(params, np.asarray(batch["image"])))
         f = f[np.asarray(batch["valid"], bool)].reshape(-1, f.shape[-1])
         take = min(points_per_image * len(batch["image"]), len(f))
         picked.append(f[rng.choice(len(f), take, replace=False)])
@@ -83,8 +105,8 @@ def evaluate_kmeans(
     centroids = fit_spherical_kmeans(jax.random.key(seed), jnp.asarray(points), n_classes)
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def batch_confusion(images, labels, valid):
-        f = features(images)
+    def batch_confusion(params, images, labels, valid):
+        f = features(params, images)
         f = sampling.resize_bilinear(f, labels.shape[1:3], align_corners=False)
         preds = jnp.argmax(_normalize(f) @ centroids.T, axis=-1)
         return metrics.confusion(preds, labels, n_classes, n_classes, valid=valid)
@@ -92,5 +114,5 @@ def evaluate_kmeans(
     total = np.zeros((n_classes, n_classes), np.int64)
     for batch in loader:
         g = sharding.host_to_global(batch, mesh)
-        total += np.asarray(batch_confusion(g["image"], g["label"], g["valid"]))
+        total += np.asarray(batch_confusion(params, g["image"], g["label"], g["valid"]))
     return {"cluster": metrics.scores(total, hungarian=True)}

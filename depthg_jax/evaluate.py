@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from depthg_jax import crf as crf_lib
-from depthg_jax import inference, metrics, sharding
+from depthg_jax import inference, metrics, palette, sharding
 
 PROBES = ("cluster", "linear")
 
@@ -347,27 +347,6 @@ def write_report(results: dict, class_names: list[str], out_dir: str) -> dict:
     return paths
 
 
-def class_names_for(dataset: str, n_classes: int) -> list[str]:
-    """The dataset's class names if it has an asset file with n_classes names, else class_i."""
-    try:
-        from depthg_jax.data import datasets
-
-        names = list(datasets.load_dataset_info(dataset)["classes"])
-        if len(names) == n_classes:
-            return names
-    except (OSError, KeyError, ValueError, ImportError):
-        pass
-    if dataset == "synthetic":
-        try:
-            from depthg_jax.data import synthetic
-
-            if len(synthetic.SYNTHETIC_CLASSES) == n_classes:
-                return list(synthetic.SYNTHETIC_CLASSES)
-        except ImportError:
-            pass
-    return [f"class_{i}" for i in range(n_classes)]
-
-
 # --- Command line ------------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
@@ -422,8 +401,9 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     )
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    eval_data = pipeline.eval_data_config(config.data)
     loader = pipeline.make_eval_loader(
-        config.data,
+        eval_data,
         global_batch_size=config.eval.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -438,7 +418,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
         crf=config.eval.crf,
         mesh=mesh,
     )
-    names = class_names_for(config.data.name, config.data.n_classes)
+    names = palette.class_names(eval_data.name, config.data.n_classes)
     out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
     paths = write_report(results, names, out_dir) if jax.process_index() == 0 else {}
     return results, names, paths

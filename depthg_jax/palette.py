@@ -1,4 +1,8 @@
-"""Colour maps for label pictures: a dataset's own where it has one, else a fixed palette."""
+"""Per-dataset class names and colour maps for reports and label pictures.
+
+A dataset's own (data/<name>.json, or the synthetic set's) where it has them for the number
+of classes asked, else generic names and a fixed deterministic palette.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,20 @@ def dataset_colours(dataset: str) -> np.ndarray | None:
         return None
     colours = datasets.load_dataset_info(dataset).get("colors")
     return None if colours is None else np.asarray(colours, np.uint8)
+
+
+def class_names(dataset: str, n: int) -> list[str]:
+    """The dataset's class names if it defines exactly n, else class_0 .. class_{n-1}."""
+    from depthg_jax.data import datasets, synthetic
+
+    names: list[str] | None = None
+    if dataset == "synthetic":
+        names = list(synthetic.SYNTHETIC_CLASSES)
+    elif (datasets.ASSETS_DIR / f"{dataset}.json").is_file():
+        names = list(datasets.load_dataset_info(dataset)["classes"])
+    if names is not None and len(names) == n:
+        return names
+    return [f"class_{i}" for i in range(n)]
 
 
 def palette_for(dataset: str, n: int) -> np.ndarray:

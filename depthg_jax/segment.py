@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from depthg_jax import palette
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.5
 
@@ -68,13 +70,6 @@ def resize_labels(labels: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an id map (ids < 256) to (H, W)."""
     im = Image.fromarray(labels.astype(np.uint8), mode="L")
     return np.asarray(im.resize((size_hw[1], size_hw[0]), Image.NEAREST))
-
-
-def colours_for(dataset: str, n: int) -> np.ndarray:
-    """(n, 3) uint8: the dataset's colour map if it has one for n ids, else a fixed palette."""
-    from depthg_jax import palette
-
-    return palette.palette_for(dataset, n)
 
 
 def make_overlay(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -176,7 +171,6 @@ class Segmenter:
 
 
 def write_outputs(out: Path, rel: Path, image: np.ndarray, ids: np.ndarray, colours) -> None:
-    from depthg_jax import palette
 
     name = rel.with_suffix(".png")
     colour = palette.colorize(ids, colours)
@@ -215,7 +209,7 @@ def segment_folder(
             "them by their matched class",
             file=sys.stderr,
         )
-    colours = colours_for(model.config.data.name, model.n_classes)
+    colours = palette.palette_for(model.config.data.name, model.n_classes)
     out = Path(out_dir)
     errors: list[str] = []
     written = 0

@@ -427,14 +427,6 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def eval_data_config(data_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The data section the evaluation reads: eval_name/eval_root where set, else the same."""
-    out = ml_collections.ConfigDict(data_cfg.to_dict())
-    out.name = data_cfg.eval_name or data_cfg.name
-    out.root = data_cfg.eval_root or data_cfg.root
-    return out
-
-
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Resolves data defaults; makes the generated demo data and its KNN table on first use.
 
@@ -560,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loader.set_state(data_state)
         print(f"Resumed from {workdir}/checkpoints at step {start}", flush=True)
 
-    eval_data = eval_data_config(config.data)
+    eval_data = pipeline.eval_data_config(config.data)
 
     def eval_loader(max_batches: int):
         return pipeline.make_eval_loader(
@@ -591,6 +583,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_steps = config.train.num_steps
     data_state = loader.get_state()
     last_val: dict | None = None
+    last_val_step = -1
     progress = _progress(start, num_steps)
     t_last, steps_since = time.perf_counter(), 0
     try:
@@ -617,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                 val_metrics = None
                 if config.train.eval_every and done % config.train.eval_every == 0:
-                    last_val = validate(state.params)
+                    last_val, last_val_step = validate(state.params), done
                     val_metrics = _val_summary(last_val)
                     logger.write(done, val_metrics)
                     progress.write(_format_val(done, last_val))
@@ -646,22 +639,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoint.save_train_state(manager, final_step, state, data_state, force=True)
     manager.wait_until_finished()
 
-    final = validate(state.params)
+    final = last_val if last_val_step == final_step else validate(state.params)
     results = {"step": final_step, "trained": _val_summary(final)}
     print(_format_val(final_step, final), flush=True)
     if config.train.report_baselines:
-        untrained = validate(sharding.replicate(initial_params, mesh))
-        results["untrained_head"] = _val_summary(untrained)
-        results["kmeans_backbone"] = _val_summary(
-            baselines.evaluate_kmeans(
-                backbone_params,
-                config.model,
-                config.data.n_classes,
-                eval_loader(0),
-                seed=config.seed,
-                mesh=mesh,
+        initial = {"backbone": backbone_params, **sharding.replicate(initial_params, mesh)}
+        for name, embed, params in (
+            ("kmeans_untrained_head", baselines.code_embedding(config.model), initial),
+            ("kmeans_backbone", baselines.backbone_embedding(config.model), backbone_params),
+        ):
+            result = baselines.evaluate_kmeans(
+                embed, params, config.data.n_classes, eval_loader(0), seed=config.seed, mesh=mesh
             )
-        )
+            results[name] = _val_summary(result)
         print(_format_baselines(results), flush=True)
     summaries.write_image_summary(
         workdir,
@@ -689,11 +679,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _val_summary(result: dict) -> dict:
+    """Flat "val/<probe>_<metric>" scalars of an evaluation result (probes it has)."""
     return {
-        "val/cluster_accuracy": float(result["cluster"]["accuracy"]),
-        "val/cluster_miou": float(result["cluster"]["miou"]),
-        "val/linear_accuracy": float(result["linear"]["accuracy"]),
-        "val/linear_miou": float(result["linear"]["miou"]),
+        f"val/{probe}_{metric}": float(result[probe][metric])
+        for probe in ("cluster", "linear")
+        if probe in result
+        for metric in ("accuracy", "miou")
     }
 
 
@@ -706,10 +697,12 @@ def _format_val(step: int, result: dict) -> str:
 
 
 def _format_baselines(results: dict) -> str:
-    rows = [("trained head", results["trained"])]
-    rows.append(("untrained head", results["untrained_head"]))
-    rows.append(("k-means on backbone features", results["kmeans_backbone"]))
-    lines = ["Cluster probe on the validation split (acc / mIoU, %):"]
+    rows = [
+        ("trained head, cluster probe", results["trained"]),
+        ("untrained head, k-means", results["kmeans_untrained_head"]),
+        ("backbone features, k-means", results["kmeans_backbone"]),
+    ]
+    lines = ["Unsupervised segmentation of the validation split (accuracy / mIoU, %):"]
     for name, r in rows:
         lines.append(
             f"  {name:<30s} {100 * r['val/cluster_accuracy']:5.1f} / "

@@ -146,21 +146,44 @@ def test_batch_not_divisible_by_devices_is_refused():
         sharding.check_batch_size(12, mesh, "config.train.batch_size")
 
 
-def test_train_and_evaluate_end_to_end(tmp_path):
-    from depthg_jax import checkpoint
+def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_path):
+    from PIL import Image
 
-    config = tiny_config(**{"train.image_every": 4, "train.eval_every": 2})
+    from depthg_jax import checkpoint, evaluate, segment
+
+    config = tiny_config(
+        **{"train.image_every": 4, "train.eval_every": 2, "train.report_baselines": True}
+    )
     results = train.train_and_evaluate(config, str(tmp_path))
     for key in ("val/cluster_miou", "val/cluster_accuracy", "val/linear_miou"):
         assert 0.0 <= results["trained"][key] <= 1.0
+    for baseline in ("kmeans_untrained_head", "kmeans_backbone"):
+        assert 0.0 <= results[baseline]["val/cluster_miou"] <= 1.0
     assert results["step"] == 4
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any("loss" in line for line in lines)
-    assert os.listdir(tmp_path / "images")
+    grid = Image.open(tmp_path / "images" / "step_000004.png")
+    assert grid.size[0] > 4 * 64 and grid.mode == "RGB"
     assert os.listdir(tmp_path / "tensorboard")
-    cfg, params = checkpoint.load_export(str(tmp_path / "export"))
+    export = str(tmp_path / "export")
+    cfg, params = checkpoint.load_export(export)
     assert cfg.model.variant == "mu/8"
     assert set(params) == set(checkpoint.EXPORT_PARAMS)
+
+    # The export evaluates with the paper's protocol and segments a folder of images.
+    cfg.eval.crf = True
+    evaluated, _, paths = evaluate.run(export, cfg, str(tmp_path / "eval"))
+    assert 0.0 <= evaluated["cluster_crf"]["miou"] <= 1.0
+    assert os.path.isfile(paths["results"])
+    images = tmp_path / "photos"
+    images.mkdir()
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(images / "a.png")
+    written, errors = segment.segment_folder(
+        export, str(images), str(tmp_path / "seg"), res=64, progress=False
+    )
+    assert written == 1 and not errors
+    assert Image.open(tmp_path / "seg" / "labels" / "a.png").size == (56, 40)
+
     # A second call resumes at the end and does not train further.
     again = train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert again["step"] == 4

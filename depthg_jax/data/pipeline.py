@@ -37,6 +37,18 @@ def make_source_from_config(data_cfg, split: str) -> datasets.ExampleSource:
     return datasets.make_source(data_cfg.name, data_cfg.root, split, data_cfg.n_classes)
 
 
+def eval_data_config(data_cfg):
+    """The data section evaluation reads: data.eval_name/eval_root where set, else the same."""
+    import ml_collections
+
+    out = ml_collections.ConfigDict(data_cfg.to_dict())
+    if data_cfg.get("eval_name", ""):
+        out.name = data_cfg.eval_name
+    if data_cfg.get("eval_root", ""):
+        out.root = data_cfg.eval_root
+    return out
+
+
 def resolve_knn_path(data_cfg) -> str:
     """data.knn_path if set, else the table for (root, train split, train_res) of
     data.knn_variant, or, with no variant set, the only such table in <root>/knn/."""
