@@ -195,10 +195,15 @@ class TorchStep:
         return {"backbone (anchor+positive)": backbone, "FPS (anchor+positive)": fps}
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process, all threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def median_pair(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def main(argv=None) -> None:
@@ -218,7 +223,8 @@ def main(argv=None) -> None:
         f"sampling={config.loss.sampling}; {threads} CPU thread(s) "
         f"(torch.get_num_threads()={torch.get_num_threads()}, affinity "
         f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}); "
-        f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}",
+        f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}; "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
@@ -239,28 +245,35 @@ def main(argv=None) -> None:
     times = {name: [] for name in runners}
     for i in range(args.steps):
         for name, runner in runners.items():
-            seconds = timed(runner.step)
-            times[name].append(seconds)
-            print(f"{name}: step {i + 1}/{args.steps} {seconds:.3f} s", flush=True)
+            wall, cpu = timed(runner.step)
+            times[name].append((wall, cpu))
+            print(
+                f"{name}: step {i + 1}/{args.steps} {wall:.3f} s wall, {cpu:.3f} s CPU", flush=True
+            )
 
     if args.profile:
         for name, runner in runners.items():
             pieces = runner.piece_fns()
             for piece, fn in pieces.items():
                 fn()  # compile / warm
-                runs = [timed(fn) for _ in range(max(args.steps, 1))]
-                print(f"{name}: {piece}: median {statistics.median(runs):.3f} s")
+                wall, cpu = median_pair([timed(fn) for _ in range(max(args.steps, 1))])
+                print(f"{name}: {piece}: median {wall:.3f} s wall, {cpu:.3f} s CPU", flush=True)
 
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, med in medians.items():
-        rate = args.batch / med
-        print(f"{name}: median {med:.3f} s/step ({rate:.2f} anchor images/s) over {args.steps}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    medians = {name: median_pair(t) for name, t in times.items()}
+    for name, (wall, cpu) in medians.items():
+        print(
+            f"{name}: median {wall:.3f} s/step wall ({args.batch / wall:.2f} anchor images/s), "
+            f"{cpu:.3f} s CPU/step, over {args.steps} steps"
+        )
     if len(medians) == 2:
-        print(f"ratio torch/jax = {medians['torch'] / medians['jax']:.2f}x")
+        wall = medians["torch"][0] / medians["jax"][0]
+        cpu = medians["torch"][1] / medians["jax"][1]
+        print(f"ratio torch/jax = {wall:.2f}x wall, {cpu:.2f}x CPU time")
     if "jax" in medians:
-        print(f"step_s={medians['jax']:.4f}")
+        print(f"step_s={medians['jax'][0]:.4f}")
     else:
-        print(f"torch_step_s={medians['torch']:.4f}")
+        print(f"torch_step_s={medians['torch'][0]:.4f}")
 
 
 if __name__ == "__main__":
