@@ -79,6 +79,17 @@ def restore_train_state(
     return restored["state"], restored["data"], step
 
 
+def _single_process_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer that involves only this process (exports are written by one host).
+
+    The default one synchronises with every process of a multi-host run, which would wait
+    forever for hosts that do not write the export.
+    """
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
     """Writes a self-contained inference checkpoint, atomically (temp dir, then rename)."""
     missing = [k for k in EXPORT_PARAMS if k not in params]
@@ -92,7 +103,7 @@ def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> N
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         params = jax.device_get({k: params[k] for k in EXPORT_PARAMS})
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _single_process_checkpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, _PARAMS_DIR), params)
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
@@ -115,6 +126,6 @@ def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         )
     with open(config_file) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _single_process_checkpointer() as checkpointer:
         params = checkpointer.restore(params_dir)
     return config, params

@@ -626,8 +626,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 checkpoint.save_train_state(manager, done, state, data_state, metrics=val_metrics)
                 check_now = jax.process_count() == 1 or done % config.train.log_every == 0
                 if check_now and _any_process(preemption.requested):
-                    checkpoint.save_train_state(manager, done, state, data_state, force=True)
                     manager.wait_until_finished()
+                    if done not in manager.all_steps():
+                        checkpoint.save_train_state(manager, done, state, data_state, force=True)
+                        manager.wait_until_finished()
                     progress.write(f"SIGTERM: saved a checkpoint at step {done}; exiting")
                     return {"preempted_at": done}
     finally:
@@ -635,13 +637,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.close()
 
     final_step = int(jax.device_get(state.step))
-    if manager.latest_step() != final_step:
+    manager.wait_until_finished()
+    if final_step not in manager.all_steps():
         checkpoint.save_train_state(manager, final_step, state, data_state, force=True)
     manager.wait_until_finished()
 
-    final = last_val if last_val_step == final_step else validate(state.params)
+    if last_val_step == final_step:
+        final = last_val
+    else:
+        final = validate(state.params)
+        print(_format_val(final_step, final), flush=True)
     results = {"step": final_step, "trained": _val_summary(final)}
-    print(_format_val(final_step, final), flush=True)
     if config.train.report_baselines:
         initial = {"backbone": backbone_params, **sharding.replicate(initial_params, mesh)}
         for name, embed, params in (

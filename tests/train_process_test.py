@@ -94,15 +94,13 @@ def wait_for_checkpoint(proc, workdir, step, timeout=240):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """One generated data set (and KNN table) shared by the runs of this module."""
-    root = tmp_path_factory.mktemp("data")
-    work = tmp_path_factory.mktemp("prep")
-    run(main_command(work, 1, data_root=root / "synthetic"))
-    return root / "synthetic"
+    """Where the module's runs share one generated data set (made by the first run)."""
+    return tmp_path_factory.mktemp("data") / "synthetic"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_root):
+    """A 6-step run from scratch; it also generates the data and KNN table the others reuse."""
     work = tmp_path_factory.mktemp("full")
     run(main_command(work, 6, data_root=data_root))
     return work
@@ -126,7 +124,8 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(tmp_path, data_root, 
     assert_trees_equal(exported_params(tmp_path), exported_params(uninterrupted))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_root):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_root, uninterrupted):
+    del uninterrupted  # only for the data it generates
     proc = subprocess.Popen(
         main_command(tmp_path, 10_000, data_root=data_root),
         cwd=ROOT,
