@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -26,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from depthg_jax import crf as crf_lib
-from depthg_jax import inference, metrics, palette, sharding
+from depthg_jax import files, inference, metrics, palette, sharding
 
 PROBES = ("cluster", "linear")
 
@@ -302,47 +301,20 @@ def render_confusion(histogram: np.ndarray, class_names: list[str], cell: int = 
     return np.asarray(canvas)
 
 
-def write_atomic(path: str, write) -> None:
-    """Calls write(tmp_path), then renames into place, so `path` is never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_report(results: dict, class_names: list[str], out_dir: str) -> dict:
     """Writes results.json, per_class_iou.txt and confusion_<key>.png; returns the paths."""
-    from PIL import Image
-
     paths = {
         "results": os.path.join(out_dir, "results.json"),
         "per_class": os.path.join(out_dir, "per_class_iou.txt"),
     }
 
-    def dump_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(to_json(results, class_names), f, indent=2)
-
-    def dump_table(tmp):
-        with open(tmp, "w") as f:
-            f.write(format_table(results) + "\n\n" + format_class_table(results, class_names))
-            f.write("\n")
-
-    write_atomic(paths["results"], dump_json)
-    write_atomic(paths["per_class"], dump_table)
+    files.write_text_atomic(paths["results"], json.dumps(to_json(results, class_names), indent=2))
+    table = format_table(results) + "\n\n" + format_class_table(results, class_names) + "\n"
+    files.write_text_atomic(paths["per_class"], table)
     for key in ("cluster_crf", "cluster", "linear"):
         if key in results:
             path = os.path.join(out_dir, f"confusion_{key}.png")
-            picture = render_confusion(results[key]["histogram"], class_names)
-            write_atomic(path, lambda tmp, p=picture: Image.fromarray(p).save(tmp, format="PNG"))
+            files.save_image_atomic(path, render_confusion(results[key]["histogram"], class_names))
             paths[f"confusion_{key}"] = path
     return paths
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from depthg_jax import palette
+from depthg_jax import files, palette
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.5
@@ -76,18 +75,6 @@ def make_overlay(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """[image | colour mask blended over the image], side by side, at the image's size."""
     blend = (1 - OVERLAY_ALPHA) * image.astype(np.float32) + OVERLAY_ALPHA * colour
     return np.concatenate([image, np.round(blend).astype(np.uint8)], axis=1)
-
-
-def save_png_atomic(path: Path, array: np.ndarray) -> None:
-    """Writes a PNG to a temporary name beside `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_assignment(path: str, n_classes: int) -> np.ndarray:
@@ -174,9 +161,9 @@ def write_outputs(out: Path, rel: Path, image: np.ndarray, ids: np.ndarray, colo
 
     name = rel.with_suffix(".png")
     colour = palette.colorize(ids, colours)
-    save_png_atomic(out / "labels" / name, ids.astype(np.uint8))
-    save_png_atomic(out / "color" / name, colour)
-    save_png_atomic(out / "overlay" / name, make_overlay(image, colour))
+    files.save_image_atomic(out / "labels" / name, ids.astype(np.uint8))
+    files.save_image_atomic(out / "color" / name, colour)
+    files.save_image_atomic(out / "overlay" / name, make_overlay(image, colour))
 
 
 def segment_folder(

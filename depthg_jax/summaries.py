@@ -7,9 +7,8 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from depthg_jax import palette
+from depthg_jax import files, palette
 
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:
@@ -82,7 +81,5 @@ def write_image_summary(
     directory = os.path.join(workdir, "images")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"step_{step:06d}.png")
-    tmp = path + ".tmp.png"
-    Image.fromarray(make_grid(rows)).save(tmp)
-    os.replace(tmp, path)
+    files.save_image_atomic(path, make_grid(rows))
     return path

@@ -12,13 +12,14 @@ File formats (one file per input image `<rel>/<id>.<ext>`, same size as the imag
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+from depthg_jax.files import write_atomic
 
 NearestIs = Literal["small", "large"]
 FORMATS = ("png8", "png16", "npy")
@@ -131,27 +132,6 @@ def encode_depth(depth: np.ndarray, fmt: str, nearest_is: NearestIs) -> np.ndarr
     if fmt == "npy":
         return depth_to_far_positive(depth, nearest_is)
     raise ValueError(f"unknown depth format {fmt!r}; expected one of {FORMATS}")
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[object], None]) -> None:
-    """Writes a file so that readers only ever see it whole or not at all.
-
-    `write(fileobj)` fills a temporary file in the same folder, which is then renamed over
-    `path` (os.replace is atomic on POSIX within one filesystem). On any error, including
-    KeyboardInterrupt, the temporary file is removed and `path` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_depth(path: str | os.PathLike, encoded: np.ndarray) -> None:

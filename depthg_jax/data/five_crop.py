@@ -22,8 +22,8 @@ import argparse
 import os
 
 import numpy as np
-from PIL import Image
 
+from depthg_jax import files
 from depthg_jax.data import datasets
 
 NUM_CROPS = 5
@@ -57,14 +57,6 @@ def _crop_done(out, split, crop_id, image_ext, labels) -> bool:
     return False
 
 
-def _save_atomic(array: np.ndarray, path: str, fmt: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    kwargs = {"quality": 95} if fmt == "JPEG" else {}
-    Image.fromarray(array).save(tmp, format=fmt, **kwargs)
-    os.replace(tmp, path)
-
-
 def encode_depth_crop(depth: np.ndarray) -> tuple[np.ndarray, bool]:
     """Depth crop in [0,255] -> (array to write, is 16-bit), without re-normalising."""
     if np.all(depth == np.round(depth)):
@@ -93,12 +85,13 @@ def write_five_crops(
             window = (slice(t, t + ch), slice(l, l + cw))
             depth, depth16 = encode_depth_crop(ex["depth"][window])
             paths = _crop_paths(out, split, crop_id, image_ext, labels, depth16)
-            _save_atomic(depth, paths["depth"], "PNG")
+            files.save_image_atomic(paths["depth"], depth)
             if labels:
                 label = np.where(ex["label"][window] < 0, 255, ex["label"][window])
-                _save_atomic(label.astype(np.uint8), paths["label"], "PNG")
+                files.save_image_atomic(paths["label"], label.astype(np.uint8))
             # The image last: its presence (with depth) marks the crop complete.
-            _save_atomic(np.ascontiguousarray(ex["image"][window]), paths["image"], pil_format)
+            options = {"quality": 95} if pil_format == "JPEG" else {}
+            files.save_image_atomic(paths["image"], ex["image"][window], pil_format, **options)
         done += 1
     return done
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -101,16 +100,10 @@ def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.
 
 def save_knn_table(path: str, indices: np.ndarray, ids: Sequence[str]) -> None:
     """Writes a KNN table atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, indices=np.asarray(indices, np.int32), ids=np.asarray(list(ids)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from depthg_jax import files
+
+    table = {"indices": np.asarray(indices, np.int32), "ids": np.asarray(list(ids))}
+    files.write_atomic(path, lambda f: np.savez(f, **table))
 
 
 def load_knn_table(path: str, ids: Sequence[str] | None = None) -> np.ndarray:

@@ -1,0 +1,45 @@
+"""Atomic file writes: readers see a file whole or not at all, never half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """`write(fileobj)` fills a temporary file beside `path`, then it is renamed over `path`.
+
+    os.replace is atomic on POSIX within one filesystem. On any error, KeyboardInterrupt
+    included, the temporary file is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image_atomic(
+    path: str | os.PathLike, array: np.ndarray, image_format: str = "PNG", **options
+) -> None:
+    """Writes a uint8/uint16 array as an image file (PNG by default) atomically."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(array))
+    write_atomic(path, lambda f: image.save(f, format=image_format, **options))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
