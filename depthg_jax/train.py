@@ -649,7 +649,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(_format_val(final_step, final), flush=True)
     results = {"step": final_step, "trained": _val_summary(final)}
     if config.train.report_baselines:
-        initial = {"backbone": backbone_params, **sharding.replicate(initial_params, mesh)}
+        initial_params = sharding.replicate(initial_params, mesh)
+        results["untrained_head"] = _val_summary(validate(initial_params))
+        initial = {"backbone": backbone_params, **initial_params}
         for name, embed, params in (
             ("kmeans_untrained_head", baselines.code_embedding(config.model), initial),
             ("kmeans_backbone", baselines.backbone_embedding(config.model), backbone_params),
@@ -705,13 +707,14 @@ def _format_val(step: int, result: dict) -> str:
 def _format_baselines(results: dict) -> str:
     rows = [
         ("trained head, cluster probe", results["trained"]),
+        ("untrained head, cluster probe", results["untrained_head"]),
         ("untrained head, k-means", results["kmeans_untrained_head"]),
         ("backbone features, k-means", results["kmeans_backbone"]),
     ]
     lines = ["Unsupervised segmentation of the validation split (accuracy / mIoU, %):"]
     for name, r in rows:
         lines.append(
-            f"  {name:<30s} {100 * r['val/cluster_accuracy']:5.1f} / "
+            f"  {name:<31s} {100 * r['val/cluster_accuracy']:5.1f} / "
             f"{100 * r['val/cluster_miou']:5.1f}"
         )
     return "\n".join(lines)

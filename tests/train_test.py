@@ -157,7 +157,7 @@ def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_
     results = train.train_and_evaluate(config, str(tmp_path))
     for key in ("val/cluster_miou", "val/cluster_accuracy", "val/linear_miou"):
         assert 0.0 <= results["trained"][key] <= 1.0
-    for baseline in ("kmeans_untrained_head", "kmeans_backbone"):
+    for baseline in ("untrained_head", "kmeans_untrained_head", "kmeans_backbone"):
         assert 0.0 <= results[baseline]["val/cluster_miou"] <= 1.0
     assert results["step"] == 4
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
