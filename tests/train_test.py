@@ -198,3 +198,9 @@ def test_init_params_have_pytorch_default_scales():
     clusters = jax.tree.leaves(params["cluster_probe"])[0]
     assert clusters.shape == (config.data.n_classes, config.model.dim)
     assert abs(float(jnp.std(clusters)) - 1.0) < 0.35  # N(0, 1) centroids
+
+
+def test_non_finite_metrics_stop_the_run_with_a_message():
+    train._check_finite(3, {"loss": np.float32(0.5)})
+    with pytest.raises(FloatingPointError, match="non-finite metrics at step 7.*loss_depth"):
+        train._check_finite(7, {"loss": np.float32(0.5), "loss_depth": np.float32(np.nan)})
