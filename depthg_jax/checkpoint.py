@@ -115,7 +115,7 @@ def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> N
 
 
 def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """Loads (config, params) written by `save_export`; params holds EXPORT_PARAMS."""
+    """Loads (config, params) written by `save_export`, checked to fit the config's model."""
     path = os.path.abspath(path)
     config_file = os.path.join(path, _CONFIG_FILE)
     params_dir = os.path.join(path, _PARAMS_DIR)
@@ -128,4 +128,21 @@ def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         config = ml_collections.ConfigDict(json.load(f))
     with _single_process_checkpointer() as checkpointer:
         params = checkpointer.restore(params_dir)
+    _check_export_params(path, config, params)
     return config, params
+
+
+def _check_export_params(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
+    """An export whose params do not fit its own config is refused, naming both sides."""
+    from depthg_jax import inference
+
+    try:
+        inference.check_params(
+            params,
+            variant=config.model.variant,
+            dim=config.model.dim,
+            n_classes=config.data.n_classes,
+            where=path,
+        )
+    except KeyError as e:
+        raise ValueError(f"export {path} lacks parameter {e} of its model") from e

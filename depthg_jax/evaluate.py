@@ -364,13 +364,6 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
         check_model_matches(config, config_override)
         config.data = config_override.data
         config.eval = config_override.eval
-    inference.check_params(
-        params,
-        variant=config.model.variant,
-        dim=config.model.dim,
-        n_classes=config.data.n_classes,
-        where=checkpoint_dir,
-    )
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     eval_data = pipeline.eval_data_config(config.data)

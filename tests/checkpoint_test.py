@@ -30,13 +30,22 @@ def test_no_checkpoint_restores_none(tmp_path):
 
 
 def test_export_round_trip_and_refusals(tmp_path):
-    params = {k: {"w": np.arange(4.0) + i} for i, k in enumerate(checkpoint.EXPORT_PARAMS)}
+    import jax
+
+    from depthg_jax import inference
+
     config = demo.get_config()
+    params = inference.init_params(
+        jax.random.key(0),
+        variant=config.model.variant,
+        dim=config.model.dim,
+        n_classes=config.data.n_classes,
+    )
     checkpoint.save_export(str(tmp_path / "exp"), config, params)
     loaded_config, loaded = checkpoint.load_export(str(tmp_path / "exp"))
     assert loaded_config == config
-    for k in checkpoint.EXPORT_PARAMS:
-        np.testing.assert_array_equal(loaded[k]["w"], params[k]["w"])
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(FileExistsError, match="exists"):
         checkpoint.save_export(str(tmp_path / "exp"), config, params)
     with pytest.raises(ValueError, match="linear_probe"):
@@ -44,3 +53,9 @@ def test_export_round_trip_and_refusals(tmp_path):
     assert not (tmp_path / "exp2").exists()
     with pytest.raises(FileNotFoundError, match="not a depthg-jax export"):
         checkpoint.load_export(str(tmp_path))
+    # An export whose params do not fit its own config is refused on load, naming both.
+    wrong = demo.get_config()
+    wrong.data.n_classes = config.data.n_classes + 1
+    checkpoint.save_export(str(tmp_path / "exp3"), wrong, params)
+    with pytest.raises(ValueError, match="cluster probe classes 6 \\(expected 7\\)"):
+        checkpoint.load_export(str(tmp_path / "exp3"))
