@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from depthg_jax import checkpoint, losses, sampling, schedules, sharding
+from depthg_jax import checkpoint, inference, losses, sampling, schedules, sharding
 from depthg_jax.models import head as head_lib
 from depthg_jax.models import vit
 
@@ -200,11 +200,9 @@ def compute_losses(
     num_side: int,
 ) -> tuple[jax.Array, dict]:
     """Total DepthG loss of one global batch and its parts (SPEC §3-§5)."""
-    from depthg_jax.inference import normalize_images
-
     cl = config.loss
     n = batch["image"].shape[0]
-    images = normalize_images(jnp.concatenate([batch["image"], batch["image_pos"]]))
+    images = inference.normalize_images(jnp.concatenate([batch["image"], batch["image_pos"]]))
     feats_all = models.backbone.apply({"params": backbone_params}, images)
     feats_all = jax.lax.stop_gradient(feats_all.astype(jnp.float32))
     feats, feats_pos = feats_all[:n], feats_all[n:]
@@ -223,15 +221,16 @@ def compute_losses(
     depth, depth_pos = batch["depth"], batch["depth_pos"]
     grid_hw = feats.shape[1:3]
     if cl.sampling == "fps":
-        fps = functools.partial(
-            sampling.depth_fps_coords,
+        # Anchors and positives in one batched FPS: one sequential loop instead of two.
+        coords = sampling.depth_fps_coords(
+            jnp.concatenate([depth, depth_pos]),
             feature_hw=grid_hw,
             num_side=num_side,
             mode=config.objective,
             fov=cl.fov,
             far=cl.far,
         )
-        coords1, coords2 = fps(depth), fps(depth_pos)
+        coords1, coords2 = coords[:n], coords[n:]
     else:
         coords1 = sampling.random_coords(keys[4], n, num_side)
         coords2 = sampling.random_coords(keys[5], n, num_side)
