@@ -13,24 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from depthg_jax.data.transforms import normalize_images
 from depthg_jax.models import head, vit
+from depthg_jax.sampling import resize_bilinear
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PARAM_KEYS = ("backbone", "head", "cluster_probe", "linear_probe")
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 (..., 3) RGB -> float32 ImageNet-normalised, as torchvision ToTensor + Normalize."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (jnp.asarray(images).astype(jnp.float32) / 255.0 - mean) / std
-
-
-def upsample_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, h, w, C) -> (B, H, W, C), bilinear with half-pixel centres (PyTorch align_corners
-    False); for upsampling jax.image.resize has no antialiasing, so it matches F.interpolate."""
-    return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear")
 
 
 def compute_code(params: dict, images: jax.Array, *, variant: str, dim: int, dtype) -> jax.Array:
@@ -84,7 +71,7 @@ def predict(
     else:
         code = compute_code(params, images, variant=variant, dim=dim, dtype=dtype)
     code = code.astype(jnp.float32)
-    code_up = upsample_bilinear(code, (h, w))
+    code_up = resize_bilinear(code, (h, w), align_corners=False)
     inner = head.ClusterProbe(n_classes).apply({"params": params["cluster_probe"]}, code_up)
     logits = head.LinearProbe(n_classes).apply({"params": params["linear_probe"]}, code_up)
     return {

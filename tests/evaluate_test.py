@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from depthg_jax import crf, evaluate, inference, metrics, sharding
+from depthg_jax import crf, evaluate, inference, metrics, sampling, sharding
 
 N_CLASSES = 6  # the synthetic set's, so the export test reuses the compiled step
 MODEL = ml_collections.ConfigDict({"variant": "mu/8", "dim": 32, "dtype": "float32"})
@@ -49,7 +49,7 @@ def test_normalize_images_matches_imagenet_statistics():
 
 def test_upsample_matches_torch_bilinear():
     x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype(np.float32)
-    got = np.asarray(inference.upsample_bilinear(jnp.asarray(x), (40, 32)))
+    got = np.asarray(sampling.resize_bilinear(jnp.asarray(x), (40, 32), align_corners=False))
     t = torch.nn.functional.interpolate(
         torch.from_numpy(x).permute(0, 3, 1, 2), (40, 32), mode="bilinear", align_corners=False
     )

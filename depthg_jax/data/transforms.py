@@ -50,6 +50,10 @@ def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.take(x, cols, axis=1)
 
 
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 (...,3) RGB -> float32 ImageNet-normalised (what the DINO backbone expects)."""
+def normalize_images(images):
+    """uint8 (...,3) RGB -> float32 ImageNet-normalised (what the DINO backbone expects).
+
+    Plain array arithmetic, so it serves NumPy batches on the host and traced jax arrays
+    inside jitted steps alike (torchvision ToTensor + Normalize).
+    """
     return (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
