@@ -4,7 +4,8 @@ For B depth maps at a feature grid size, times, side by side in one run:
   jax      `jax.jit(jax.vmap(farthest_point_sample))` over the whole batch (one call),
   fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
   numpy    the plain NumPy loop of SPEC §6 per map (what the release runs on the host),
-and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case.
+and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case,
+and the loop's per-iteration floor (16-point clouds, where the data costs almost nothing).
 All three must return identical indices (checked). Rounds interleave the three; medians of
 --repeats rounds (wall clock) and means (process CPU time).
 
@@ -114,6 +115,26 @@ def bench_end_to_end(batch: int, repeats: int) -> float:
     return float(np.median(runs)) * 1e3
 
 
+def bench_loop_floor(batch: int, repeats: int) -> float:
+    """Microseconds per FPS loop iteration on B clouds of 16 points, where the data costs
+    almost nothing: (time for 16 samples - time for 2) / 14 iterations, so the per-call
+    overhead cancels. A floor under any batched FPS loop of this form."""
+    points = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 16, 3)), jnp.float32)
+    calls = {
+        n: jax.jit(jax.vmap(lambda p, n=n: sampling.farthest_point_sample(p, n))) for n in (2, 16)
+    }
+    for fn in calls.values():
+        fn(points).block_until_ready()
+    per_call = {2: [], 16: []}
+    for _ in range(repeats):
+        for n, fn in calls.items():
+            t = time.perf_counter()
+            for _ in range(200):
+                fn(points).block_until_ready()
+            per_call[n].append((time.perf_counter() - t) / 200)
+    return (float(np.median(per_call[16])) - float(np.median(per_call[2]))) * 1e6 / 14
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -149,6 +170,14 @@ def main() -> None:
             f"{r['numpy_cpu']:.1f} | {r['fpsample_cpu'] / r['jax_cpu']:.1f}x | "
             f"{r['numpy_cpu'] / r['jax_cpu']:.0f}x |"
         )
+    floor_us = bench_loop_floor(args.batch, args.repeats)
+    small = rows[0]
+    print(
+        f"\nLoop floor: {floor_us:.2f} us per iteration for {args.batch} clouds of 16 points "
+        f"(call overhead excluded). At 28x28 the loop runs 120 iterations, "
+        f"so the floor alone is {120 * floor_us / 1e3:.2f} ms, against "
+        f"{small['numpy'] / 200:.2f} ms for 200x the NumPy loop."
+    )
     e2e = bench_end_to_end(args.batch, args.repeats)
     print(
         f"\ndepth_fps_coords end to end (pool 224->28, lift, FPS, coords), {args.batch} maps "
