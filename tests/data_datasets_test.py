@@ -166,13 +166,16 @@ def test_cocostuff_uses_curated_list_and_maps_fine_to_coarse(tmp_path, caplog):
             want = expect[r][c]
             assert (got[r, c] == -1) if want is None else names[got[r, c]] == want
     assert "64 label pixels" in caplog.text  # The block of 200s (8x8) is counted.
+    # Two ids are not STEGO's curated split: said, with both counts.
+    assert "the list has 2 ids, STEGO's curated list has 49629" in caplog.text
 
 
 def test_cocostuff_missing_curated_list_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "ASSETS_DIR", tmp_path / "no_assets")
     os.makedirs(tmp_path / "images" / "val2017")
-    with pytest.raises(FileNotFoundError, match="curated/val2017/Coco164kFull_Stuff_Coarse_7"):
+    with pytest.raises(FileNotFoundError, match="curated/val2017/Coco164kFull_Stuff_Coarse_7") as e:
         datasets.make_source("cocostuff27", str(tmp_path), "val", 27)
+    assert "data/README.md" in str(e.value)
 
 
 # --- Cityscapes ------------------------------------------------------------------------------

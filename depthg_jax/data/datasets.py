@@ -74,6 +74,8 @@ IGNORE = -1
 _UNEXPECTED = -2  # Marks raw label values a dataset's mapping does not know.
 COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 COCO_SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
+# Lengths of STEGO's curated lists, the splits behind the published COCO-Stuff-27 numbers.
+COCO_CURATED_SIZES = {"train2017": 49629, "val2017": 2175}
 POTSDAM_SPLIT_FILES = {
     "train": ["labelled_train.txt"],
     "unlabelled_train": ["unlabelled_train.txt"],
@@ -373,14 +375,30 @@ def _read_id_list(paths: Sequence[str]) -> list[str]:
 def list_coco_records(root: str, split: str) -> list[Record]:
     """Records of COCO-Stuff-27 over STEGO's curated list for the split ("train"/"val")."""
     split_dir = COCO_SPLIT_DIRS.get(split, split)
-    ids = _read_id_list(
-        [
-            os.path.join(root, "curated", split_dir, COCO_CURATED_LIST),
-            str(ASSETS_DIR / "cocostuff27" / "curated" / split_dir / COCO_CURATED_LIST),
-        ]
-    )
+    try:
+        ids = _read_id_list(
+            [
+                os.path.join(root, "curated", split_dir, COCO_CURATED_LIST),
+                str(ASSETS_DIR / "cocostuff27" / "curated" / split_dir / COCO_CURATED_LIST),
+            ]
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e}. COCO-Stuff-27 needs STEGO's curated list; data/README.md says where to get "
+            "it (it comes with STEGO's cocostuff download)"
+        ) from None
     if not ids:
         raise ValueError(f"Empty split: the curated list for {split_dir} has no ids")
+    expected = COCO_CURATED_SIZES.get(split_dir)
+    if expected is not None and len(ids) != expected:
+        # A subset is legitimate (debugging, ablations) but not the published protocol.
+        log.warning(
+            "cocostuff27 %s: the list has %d ids, STEGO's curated list has %d; results are "
+            "not comparable to the published numbers",
+            split_dir,
+            len(ids),
+            expected,
+        )
     return [
         Record(
             i,
