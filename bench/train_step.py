@@ -125,19 +125,19 @@ class JaxStep:
 
         import jax.numpy as jnp
 
-        from depthg_jax import sampling
+        from depthg_jax import sampling, xla
         from depthg_jax.inference import normalize_images
 
         jax, cfg, batch = self.jax, self.config, self.batch
         images = jnp.concatenate([batch["image"], batch["image_pos"]])
         depths = jnp.concatenate([batch["depth"], batch["depth_pos"]])
 
-        @jax.jit
+        @xla.jit
         def backbone(params, images):
             return self.models.backbone.apply({"params": params}, normalize_images(images))
 
         grid = cfg.data.train_res // int(cfg.model.variant.split("/")[1])
-        fps = jax.jit(
+        fps = xla.jit(
             functools.partial(
                 sampling.depth_fps_coords,
                 feature_hw=(grid, grid),

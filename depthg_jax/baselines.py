@@ -6,14 +6,12 @@ directly; the demo prints the same comparison so a user can see what training ad
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthg_jax import metrics, sampling, sharding
+from depthg_jax import metrics, sampling, sharding, xla
 from depthg_jax.models import vit
 
 
@@ -88,7 +86,7 @@ def evaluate_kmeans(
         raise ValueError("the k-means baseline runs in single-process runs only (the demo)")
     mesh = sharding.make_mesh() if mesh is None else mesh
 
-    @jax.jit
+    @xla.jit
     def features(params, images):
         return _normalize(embed(params, images).astype(jnp.float32))
 
@@ -104,7 +102,7 @@ def evaluate_kmeans(
         raise ValueError("k-means baseline: the evaluation split is empty")
     centroids = fit_spherical_kmeans(jax.random.key(seed), jnp.asarray(points), n_classes)
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    @xla.jit(out_shardings=sharding.replicated(mesh))
     def batch_confusion(params, images, labels, valid):
         f = features(params, images)
         f = sampling.resize_bilinear(f, labels.shape[1:3], align_corners=False)

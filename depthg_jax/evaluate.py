@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from depthg_jax import crf as crf_lib
-from depthg_jax import files, inference, metrics, palette, sharding
+from depthg_jax import files, inference, metrics, palette, sharding, xla
 
 PROBES = ("cluster", "linear")
 
@@ -68,7 +68,7 @@ def make_eval_step(
     if keep_outputs:
         out_shardings += (batched, batched)
 
-    @functools.partial(jax.jit, out_shardings=out_shardings)
+    @xla.jit(out_shardings=out_shardings)
     def step(params, images, labels, valid):
         out = inference.predict(
             params,
@@ -97,7 +97,7 @@ def make_eval_step(
 def make_count_step(n_classes: int, mesh):
     """A jitted step counting already-made predictions (the CRF's) on device."""
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    @xla.jit(out_shardings=sharding.replicated(mesh))
     def count(cluster, linear, labels, valid):
         return (
             metrics.confusion(cluster, labels, n_classes, n_classes, valid),

@@ -8,11 +8,10 @@ cosine similarities are not linear in the code, so the order matters for it.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from depthg_jax import xla
 from depthg_jax.data.transforms import normalize_images
 from depthg_jax.models import head, vit
 from depthg_jax.sampling import resize_bilinear
@@ -30,7 +29,7 @@ def compute_code(params: dict, images: jax.Array, *, variant: str, dim: int, dty
     )
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "dim", "n_classes", "dtype", "flip"))
+@xla.jit(static_argnames=("variant", "dim", "n_classes", "dtype", "flip"))
 def predict(
     params: dict,
     images: jax.Array,
@@ -110,7 +109,7 @@ def init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: 
     return _init_params(key, variant=variant, dim=dim, n_classes=n_classes, res=res)
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "dim", "n_classes", "res"))
+@xla.jit(static_argnames=("variant", "dim", "n_classes", "res"))
 def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: int) -> dict:
     k_vit, k_head, k_cluster, k_linear = jax.random.split(key, 4)
     images = jnp.zeros((1, res, res, 3), jnp.float32)

@@ -9,7 +9,6 @@ replicated argument: never optimised, never checkpointed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import queue
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from depthg_jax import checkpoint, inference, losses, sampling, schedules, sharding
+from depthg_jax import checkpoint, inference, losses, sampling, schedules, sharding, xla
 from depthg_jax.models import head as head_lib
 from depthg_jax.models import vit
 
@@ -314,7 +313,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, mesh):
     """The jitted step: state donated, outputs replicated; one compile per distinct S."""
     replicated = sharding.replicated(mesh)
 
-    @functools.partial(jax.jit, static_argnames=("num_side",), donate_argnums=(0,))
+    @xla.jit(static_argnames=("num_side",), donate_argnums=(0,))
     def step_fn(state, backbone_params, batch, root_key, num_side):
         new_state, metrics = train_step(
             state,

@@ -212,6 +212,7 @@ def make_sharded_feature_fn(variant: str, params, dtype: str = "float32"):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from depthg_jax import xla
     from depthg_jax.models.vit import DinoViT
 
     model = DinoViT(variant, dtype=jnp.dtype(dtype))
@@ -219,7 +220,7 @@ def make_sharded_feature_fn(variant: str, params, dtype: str = "float32"):
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
 
-    @jax.jit
+    @xla.jit
     def embed(p, images):
         f = model.apply({"params": p}, images).mean(axis=(1, 2))
         return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-10)
