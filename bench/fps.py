@@ -1,7 +1,8 @@
 """Batched on-device farthest point sampling vs fpsample and the NumPy loop (SPEC §6).
 
 For B depth maps at a feature grid size, times, side by side in one run:
-  jax      `jax.jit(jax.vmap(farthest_point_sample))` over the whole batch (one call),
+  jax      `farthest_point_sample_batch` over the whole batch (one call), compiled as the
+           product compiles it (`depthg_jax.xla.jit`),
   fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
   numpy    the plain NumPy loop of SPEC §6 per map (what the release runs on the host),
 and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case,
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import sampling
+from depthg_jax import sampling, xla
 
 
 def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
@@ -77,7 +78,7 @@ def bench_case(side: int, num_side: int, batch: int, repeats: int, numpy_repeats
     points_np = np.asarray(points)
     n = num_side * num_side
 
-    fps = jax.jit(jax.vmap(lambda p: sampling.farthest_point_sample(p, n)))
+    fps = xla.jit(lambda p: sampling.farthest_point_sample_batch(p, n))
     compile_s = time_once(lambda: fps(points).block_until_ready())
     run_jax = lambda: fps(points).block_until_ready()
     run_fpsample = lambda: [fpsample.fps_sampling(p, n, start_idx=0) for p in points_np]
@@ -109,7 +110,7 @@ def bench_case(side: int, num_side: int, batch: int, repeats: int, numpy_repeats
 
 def bench_end_to_end(batch: int, repeats: int) -> float:
     depth = jnp.asarray(smooth_depth(np.random.default_rng(0), batch, 224))
-    fn = jax.jit(lambda d: sampling.depth_fps_coords(d, (28, 28), 11, "reference"))
+    fn = xla.jit(lambda d: sampling.depth_fps_coords(d, (28, 28), 11, "reference"))
     fn(depth).block_until_ready()
     runs = [time_once(lambda: fn(depth).block_until_ready()) for _ in range(repeats)]
     return float(np.median(runs)) * 1e3
@@ -120,9 +121,7 @@ def bench_loop_floor(batch: int, repeats: int) -> float:
     almost nothing: (time for 16 samples - time for 2) / 14 iterations, so the per-call
     overhead cancels. A floor under any batched FPS loop of this form."""
     points = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 16, 3)), jnp.float32)
-    calls = {
-        n: jax.jit(jax.vmap(lambda p, n=n: sampling.farthest_point_sample(p, n))) for n in (2, 16)
-    }
+    calls = {n: xla.jit(lambda p, n=n: sampling.farthest_point_sample_batch(p, n)) for n in (2, 16)}
     for fn in calls.values():
         fn(points).block_until_ready()
     per_call = {2: [], 16: []}

@@ -189,6 +189,30 @@ def test_fps_vmaps_with_traced_start():
         np.testing.assert_array_equal(got[b], numpy_fps(points[b], 20, starts[b]))
 
 
+def test_fps_batch_matches_fpsample_numpy_and_ties_per_cloud():
+    rng = np.random.default_rng(7)
+    clouds = rng.random((5, 784, 3)).astype(np.float32)
+    clouds[4] = 0  # every distance tied: first index each time, as the loop statement
+    clouds[4, :, :2] = np.stack(
+        np.meshgrid(np.arange(28), np.arange(28), indexing="ij"), -1
+    ).reshape(-1, 2)
+    fn = jax.jit(sampling.farthest_point_sample_batch, static_argnums=1)
+    got = np.asarray(fn(jnp.asarray(clouds), 121))
+    assert got.shape == (5, 121) and got.dtype == np.int32
+    for b in range(5):
+        np.testing.assert_array_equal(got[b], numpy_fps(clouds[b], 121))
+    for b in range(4):  # fpsample breaks exact ties differently; random clouds have none
+        np.testing.assert_array_equal(got[b], fpsample.fps_sampling(clouds[b], 121, start_idx=0))
+    starts = np.array([5, 0, 783, 400, 28])
+    got = np.asarray(fn(jnp.asarray(clouds), 30, jnp.asarray(starts)))
+    for b in range(5):
+        np.testing.assert_array_equal(got[b], numpy_fps(clouds[b], 30, starts[b]))
+    one = np.asarray(fn(jnp.asarray(clouds), 1, jnp.asarray(starts)))
+    np.testing.assert_array_equal(one[:, 0], starts)
+    with pytest.raises(ValueError, match=r"\(B, N, D\)"):
+        sampling.farthest_point_sample_batch(jnp.zeros((10, 3)), 3)
+
+
 def test_fps_rejects_too_many_samples():
     with pytest.raises(ValueError, match=r"num_samples.*N=10"):
         sampling.farthest_point_sample(jnp.zeros((10, 3)), 11)
