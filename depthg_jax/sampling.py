@@ -275,7 +275,8 @@ def farthest_point_sample_batch(
     lanes = jnp.arange(b)
     start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
 
-    # The loop is overhead-bound at 28x28, so its body is a handful of XLA kernels: one
+    # 120 dependent iterations at 28x28, each a few microseconds of launch overhead plus one
+    # pass over B x N values, so the body is a handful of XLA kernels: one
     # gather of the last points, one fused update of the running distances, two reductions.
     # The selection order is kept in the same array: the point chosen at iteration k holds
     # -(k + 1), below any distance (so it never wins again), instead of a per-iteration
