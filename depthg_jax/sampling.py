@@ -314,14 +314,13 @@ def _coords_from_indices(idx: jax.Array, h: int, w: int, num_side: int, mode: st
         # Released: mark the selected cells, read them back in row-major order (FPS order
         # lost), (row/h, col/w)·2−1 used as (x, y): axes swapped, shrunk by (n−1)/n.
         idx = jnp.sort(idx)
-        row = (idx // w).astype(dtype)
-        col = (idx % w).astype(dtype)
+    row = (idx // w).astype(dtype)
+    col = (idx % w).astype(dtype)
+    if mode == "reference":
         coords = jnp.stack([row / h, col / w], axis=-1) * 2 - 1
         return coords.reshape(num_side, num_side, 2)
     # Corrected: exact cell centres under align_corners=True, FPS order row-major in the
     # sampled output. `sample` reads out[i, j] at coords[j, i], so store the transpose.
-    row = (idx // w).astype(dtype)
-    col = (idx % w).astype(dtype)
     x = 2 * col / max(w - 1, 1) - 1
     y = 2 * row / max(h - 1, 1) - 1
     coords = jnp.stack([x, y], axis=-1).reshape(num_side, num_side, 2)
