@@ -1,6 +1,6 @@
-"""Cityscapes-27, ViT-B/8, released DepthG hyperparameters (SPEC §7): random sampling."""
+"""Cityscapes-27, ViT-B/8, the released DepthG run (docs/settings.md): random sampling."""
 
-from configs import base
+from depthg_jax import config as base
 
 
 def get_config():
@@ -19,4 +19,5 @@ def get_config():
     loss.depth_weight, loss.depth_shift = 0.09, 0.03
     loss.depth_decay_every, loss.depth_decay_rate = 400, 0.8
     loss.samples_decay_every = 0
+    config.train.eval_every = 100  # The release's val_freq (docs/release.md#checkpoint-choice).
     return config

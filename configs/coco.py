@@ -1,11 +1,11 @@
-"""COCO-Stuff-27, released DepthG hyperparameters (SPEC §7).
+"""COCO-Stuff-27, the released DepthG runs (docs/settings.md).
 
 ViT-S/8 by default; ViT-B/8 with `--config=configs/coco.py:B/8`.
 `objective="reference"` reproduces the released code (published numbers); switch to the
 paper's intent with `--config.objective=corrected`.
 """
 
-from configs import base
+from depthg_jax import config as base
 
 
 def get_config(variant: str = "S/8"):
@@ -22,16 +22,19 @@ def get_config(variant: str = "S/8"):
         loss.neg_inter_weight, loss.neg_inter_shift = 0.70, 0.761
         loss.depth_weight, loss.depth_shift = 0.19, 0.03
         loss.depth_decay_every, loss.depth_decay_rate = 250, 0.6
-        loss.samples_decay_every, loss.samples_decay_rate = 1000, 0.9
+        loss.samples_decay_every, loss.samples_decay_rate = 1000, 0.9  # release: 750 / 3000
+        config.train.eval_every = 100  # The release's val_freq.
     elif variant.startswith("B/"):
         config.model.dim = 90
         loss.feature_samples = 12
-        loss.pos_intra_weight, loss.pos_intra_shift = 0.2305, 0.1233
-        loss.pos_inter_weight, loss.pos_inter_shift = 1.0501, 0.2103
-        loss.neg_inter_weight, loss.neg_inter_shift = 0.2485, 0.9748
-        loss.depth_weight, loss.depth_shift = 0.1603, 0.0359
-        loss.depth_decay_every, loss.depth_decay_rate = 100, 0.64
+        # The release's reproduction script, at its full precision.
+        loss.pos_intra_weight, loss.pos_intra_shift = 0.23052367315917113, 0.12326312284078644
+        loss.pos_inter_weight, loss.pos_inter_shift = 1.0500945312858674, 0.21028290947990444
+        loss.neg_inter_weight, loss.neg_inter_shift = 0.2485038032028848, 0.9748103425096648
+        loss.depth_weight, loss.depth_shift = 0.16026274975444096, 0.035909146298813595
+        loss.depth_decay_every, loss.depth_decay_rate = 100, 0.64  # release: 300 steps
         loss.samples_decay_every = 0
+        config.train.eval_every = 50  # The release's val_freq for ViT-B.
     else:
         raise ValueError(f"configs/coco.py has settings for S/* and B/* variants, not {variant!r}")
     loss.sampling = "fps"

@@ -6,13 +6,13 @@ weights (then also set --config.model.variant). The run prints the trained head'
 scores next to the untrained head's and k-means on the raw backbone features.
 """
 
-from configs import base
+from depthg_jax import config as base
 
 
 def get_config():
     config = base.get_config()
     # The paper's intent (3D-proximity depth term, FPS in degrees): on the demo's random
-    # backbone the released objective's depth term adds nothing (SPEC §5).
+    # backbone the released objective's depth term adds nothing (docs/method.md).
     config.objective = "corrected"
     config.model.variant = "mu/8"
     config.model.allow_random_backbone = True

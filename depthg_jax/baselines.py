@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthg_jax import metrics, sampling, sharding, xla
-from depthg_jax.models import vit
+from depthg_jax import image_ops, metrics, sharding, xla
+from depthg_jax.models import model as model_lib
 
 
 def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-10)
+    return image_ops.l2_normalize(x, eps=1e-10)
 
 
 def fit_spherical_kmeans(key: jax.Array, x: jax.Array, k: int, iters: int = 50) -> jax.Array:
@@ -43,23 +43,19 @@ def fit_spherical_kmeans(key: jax.Array, x: jax.Array, k: int, iters: int = 50) 
 
 def backbone_embedding(model_cfg: ml_collections.ConfigDict):
     """embed(backbone_params, images uint8 (B,H,W,3)) -> raw backbone features (B,h,w,C)."""
-    from depthg_jax.inference import normalize_images
-
-    backbone = vit.DinoViT(variant=model_cfg.variant, dtype=jnp.dtype(model_cfg.dtype))
-
-    def embed(backbone_params, images):
-        return backbone.apply({"params": backbone_params}, normalize_images(images))
-
-    return embed
+    return model_lib.backbone_features(model_cfg)
 
 
 def code_embedding(model_cfg: ml_collections.ConfigDict):
     """embed(params {"backbone", "head", ...}, images uint8) -> the head's code (B,h,w,K)."""
-    from depthg_jax.inference import compute_code
-
     def embed(params, images):
-        return compute_code(
-            params, images, variant=model_cfg.variant, dim=model_cfg.dim, dtype=model_cfg.dtype
+        return model_lib.compute_code(
+            params,
+            images,
+            variant=model_cfg.variant,
+            dim=model_cfg.dim,
+            dtype=model_cfg.dtype,
+            matmul_precision=model_cfg.get("matmul_precision", "default"),
         )
 
     return embed
@@ -105,7 +101,7 @@ def evaluate_kmeans(
     @xla.jit(out_shardings=sharding.replicated(mesh))
     def batch_confusion(params, images, labels, valid):
         f = features(params, images)
-        f = sampling.resize_bilinear(f, labels.shape[1:3], align_corners=False)
+        f = image_ops.resize_bilinear(f, labels.shape[1:3], align_corners=False)
         preds = jnp.argmax(_normalize(f) @ centroids.T, axis=-1)
         return metrics.confusion(preds, labels, n_classes, n_classes, valid=valid)
 

@@ -19,19 +19,24 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-EXPORT_PARAMS = ("backbone", "head", "cluster_probe", "linear_probe")
+from depthg_jax.models.model import PARAM_KEYS as EXPORT_PARAMS
+from depthg_jax.models.model import check_params
+
 _CONFIG_FILE = "config.json"
 _PARAMS_DIR = "params"
-BEST_METRIC = "val/cluster_miou"
+SELECTION_FILE = "selection.json"
+BEST_SELECTED_ON = "the evaluation split's labels (as the release selects its checkpoint)"
 
 
-def make_manager(directory: str, *, keep: int, save_every: int) -> ocp.CheckpointManager:
-    """A manager that keeps the latest `keep` checkpoints and the best one by cluster mIoU."""
+def make_manager(
+    directory: str, *, keep: int, save_every: int, best_metric: str = "val/cluster_miou"
+) -> ocp.CheckpointManager:
+    """A manager that keeps the latest `keep` checkpoints and the best one by `best_metric`."""
     preservation = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                get_metric_fn=lambda metrics: metrics[best_metric],
                 n=1,
                 keep_checkpoints_without_metrics=False,
             ),
@@ -79,6 +84,26 @@ def restore_train_state(
     return restored["state"], restored["data"], step
 
 
+def best_selection(manager: ocp.CheckpointManager, metric: str) -> dict | None:
+    """{"checkpoint": "best", step, metric, score, selected_on} of the best validated
+    checkpoint, or None when no checkpoint carries validation metrics."""
+    scored = []
+    for step in manager.all_steps():
+        metrics = manager.metrics(step)
+        if metrics and metric in metrics:
+            scored.append((float(metrics[metric]), -step, step))
+    if not scored:
+        return None
+    score, _, step = max(scored)  # ties: the earlier step, as a first-seen best
+    return {
+        "checkpoint": "best",
+        "step": int(step),
+        "metric": metric,
+        "score": score,
+        "selected_on": BEST_SELECTED_ON,
+    }
+
+
 def _single_process_checkpointer() -> ocp.StandardCheckpointer:
     """A checkpointer that involves only this process (exports are written by one host).
 
@@ -90,8 +115,19 @@ def _single_process_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
-def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
-    """Writes a self-contained inference checkpoint, atomically (temp dir, then rename)."""
+def save_export(
+    path: str,
+    config: ml_collections.ConfigDict,
+    params: dict,
+    *,
+    selection: dict | None = None,
+    extra_files: dict[str, dict] | None = None,
+) -> None:
+    """Writes a self-contained inference checkpoint, atomically (temp dir, then rename).
+
+    selection: which training checkpoint this is ({"checkpoint": "final"|"best", "step", ...}),
+    written as selection.json; extra_files: more JSON files by name (e.g. an import's source).
+    """
     missing = [k for k in EXPORT_PARAMS if k not in params]
     if missing:
         raise ValueError(f"export params miss {missing}; expected keys {list(EXPORT_PARAMS)}")
@@ -108,6 +144,12 @@ def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> N
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
             f.write(config.to_json(indent=2))
+        extra = dict(extra_files or {})
+        if selection is not None:
+            extra[SELECTION_FILE] = selection
+        for name, content in extra.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,12 +174,19 @@ def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     return config, params
 
 
+def load_selection(path: str) -> dict | None:
+    """An export's selection.json (which checkpoint it holds), or None if it has none."""
+    file = os.path.join(path, SELECTION_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
 def _check_export_params(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
     """An export whose params do not fit its own config is refused, naming both sides."""
-    from depthg_jax import inference
-
     try:
-        inference.check_params(
+        check_params(
             params,
             variant=config.model.variant,
             dim=config.model.dim,

@@ -1,4 +1,4 @@
-"""Evaluation: the paper's protocol (SPEC §9) over a whole split, and its report.
+"""Evaluation: the paper's protocol (docs/evaluation.md) over a whole split, and its report.
 
 `python -m depthg_jax.evaluate --checkpoint=DIR [--config=FILE] [--out=DIR]` loads an export
 (`depthg_jax.checkpoint.save_export`), runs the final protocol (320 centre crop, flip-averaged
@@ -13,7 +13,6 @@ through the same on-device counting, so multi-host runs need no special path.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -24,39 +23,26 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from depthg_jax import checkpoint, distributed, image_ops, metrics, reports, sharding, xla
+from depthg_jax import config as config_lib
 from depthg_jax import crf as crf_lib
-from depthg_jax import files, inference, metrics, palette, sharding, xla
+from depthg_jax.data import palette, pipeline
+from depthg_jax.models import model as model_lib
 
-PROBES = ("cluster", "linear")
-
-
-def _place_replicated(tree, mesh):
-    """Replicates params on the mesh unless they already are (the trainer's backbone is)."""
-    devices = set(mesh.devices.flat)
-
-    def place(x):
-        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
-            if set(x.sharding.device_set) == devices:
-                return x
-        return jax.make_array_from_process_local_data(
-            sharding.replicated(mesh), np.asarray(jax.device_get(x))
-        )
-
-    return jax.tree.map(place, tree)
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    shards = {}
-    for s in x.addressable_shards:
-        start = s.index[0].start or 0
-        shards.setdefault(start, s.data)
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+PROBES = reports.PROBES
 
 
 @functools.lru_cache(maxsize=16)
 def make_eval_step(
-    variant: str, dim: int, dtype: str, n_classes: int, mesh, *, flip: bool, keep_outputs: bool
+    variant: str,
+    dim: int,
+    dtype: str,
+    n_classes: int,
+    mesh,
+    *,
+    flip: bool,
+    keep_outputs: bool,
+    matmul_precision: str = "default",
 ):
     """A jitted step: batch -> (cluster confusion, linear confusion, #valid[, log-probs]).
 
@@ -70,7 +56,7 @@ def make_eval_step(
 
     @xla.jit(out_shardings=out_shardings)
     def step(params, images, labels, valid):
-        out = inference.predict(
+        out = model_lib.predict(
             params,
             images,
             variant=variant,
@@ -78,6 +64,7 @@ def make_eval_step(
             n_classes=n_classes,
             dtype=dtype,
             flip=flip,
+            matmul_precision=matmul_precision,
         )
         cluster = jnp.argmax(out["cluster_log_probs"], axis=-1)
         linear = jnp.argmax(out["linear_logits"], axis=-1)
@@ -118,6 +105,7 @@ def evaluate_loader(
     mesh=None,
     progress: bool = True,
     crf_pool=None,
+    crf_image: str = "exact",
 ) -> dict:
     """Scores both probes over every batch of `loader` (the whole split).
 
@@ -132,6 +120,8 @@ def evaluate_loader(
       mesh: 1-D ('data',) mesh (default: all devices).
       progress: show a tqdm bar (process 0).
       crf_pool: executor for the CRF (default: one made here with a worker per core).
+      crf_image: the CRF's RGB input: "exact" (the uint8 image) or "reference" (the release's
+        floor(255 * unnormalised image), `image_ops.release_crf_image`).
     Returns:
       {"cluster", "linear"[, "cluster_crf", "linear_crf"]}: metrics.scores dicts (the cluster
       probe Hungarian-matched, the linear probe identity); "confusion": the raw counts per key;
@@ -140,7 +130,7 @@ def evaluate_loader(
     from tqdm import tqdm
 
     mesh = sharding.make_mesh() if mesh is None else mesh
-    params = _place_replicated(params, mesh)
+    params = sharding.ensure_replicated(params, mesh)
     step = make_eval_step(
         model_cfg.variant,
         int(model_cfg.dim),
@@ -149,7 +139,10 @@ def evaluate_loader(
         mesh,
         flip=bool(flip),
         keep_outputs=bool(crf),
+        matmul_precision=model_cfg.get("matmul_precision", "default"),
     )
+    if crf_image not in config_lib.CRF_IMAGES:
+        raise ValueError(f"crf_image={crf_image!r}; expected one of {config_lib.CRF_IMAGES}")
     count = make_count_step(n_classes, mesh) if crf else None
     own_pool = crf and crf_pool is None
     pool = crf_lib.make_crf_pool() if own_pool else crf_pool
@@ -180,8 +173,10 @@ def evaluate_loader(
             add("num_images", outs[2])  # kept on device: no host sync per batch
             if crf:
                 images = np.asarray(batch["image"])
+                if crf_image == "reference":
+                    images = image_ops.release_crf_image(images)
                 valid = np.asarray(batch["valid"], bool)
-                scores = [_local_rows(outs[3])[valid], _local_rows(outs[4])[valid]]
+                scores = [sharding.local_rows(outs[3])[valid], sharding.local_rows(outs[4])[valid]]
                 t0 = time.perf_counter()
                 # Both probes' images in one call keeps every worker busy to the end.
                 refined = [np.zeros(images.shape[:3], np.int32) for _ in PROBES]
@@ -214,111 +209,6 @@ def evaluate_loader(
     return results
 
 
-# --- Report ------------------------------------------------------------------------------------
-
-
-def format_table(results: dict) -> str:
-    """The paper-style table: probe x (accuracy, mIoU), without and with CRF, in %."""
-    has_crf = "cluster_crf" in results
-    header = f"{'':10s}{'no CRF':>16s}" + (f"{'CRF':>16s}" if has_crf else "")
-    sub = f"{'probe':10s}{'Acc':>8s}{'mIoU':>8s}" + (f"{'Acc':>8s}{'mIoU':>8s}" if has_crf else "")
-    lines = [header, sub]
-    for probe in PROBES:
-        r = results[probe]
-        row = f"{probe:10s}{100 * r['accuracy']:8.1f}{100 * r['miou']:8.1f}"
-        if has_crf:
-            c = results[f"{probe}_crf"]
-            row += f"{100 * c['accuracy']:8.1f}{100 * c['miou']:8.1f}"
-        lines.append(row)
-    no_crf_time = results["time_s"] - results["crf_time_s"]
-    timing = f"wall time {no_crf_time:.1f} s without CRF"
-    if has_crf:
-        timing += f", {results['time_s']:.1f} s with CRF ({results['crf_time_s']:.1f} s in CRF)"
-    lines.append(f"{results['num_images']} images; {timing}")
-    return "\n".join(lines)
-
-
-def format_class_table(results: dict, class_names: list[str]) -> str:
-    """Per-class IoU (%) of every scored key, one row per class."""
-    keys = [k for k in PROBES + tuple(f"{p}_crf" for p in PROBES) if k in results]
-    width = max([len(n) for n in class_names] + [5])
-    lines = [f"{'class':{width}s}" + "".join(f"{k:>13s}" for k in keys)]
-    for i, name in enumerate(class_names):
-        cells = "".join(f"{100 * results[k]['iou'][i]:13.1f}" for k in keys)
-        lines.append(f"{name:{width}s}{cells}")
-    lines.append(f"{'mean':{width}s}" + "".join(f"{100 * results[k]['miou']:13.1f}" for k in keys))
-    return "\n".join(lines)
-
-
-def to_json(results: dict, class_names: list[str]) -> dict:
-    """A JSON-friendly copy: scores in %, per-class IoU by name (NaN -> null), counts as lists."""
-
-    def clean(x):
-        return None if x is None or not np.isfinite(x) else round(float(x) * 100, 4)
-
-    out = {"num_images": results["num_images"], "time_s": results["time_s"]}
-    out["crf_time_s"] = results["crf_time_s"]
-    for key, value in results.items():
-        if isinstance(value, dict) and "accuracy" in value:
-            out[key] = {
-                "accuracy": clean(value["accuracy"]),
-                "miou": clean(value["miou"]),
-                "iou": {n: clean(v) for n, v in zip(class_names, value["iou"], strict=True)},
-                "assignment": [int(a) for a in value["assignment"]],
-                "confusion": results["confusion"][key].tolist(),
-            }
-    return out
-
-
-def render_confusion(histogram: np.ndarray, class_names: list[str], cell: int = 28) -> np.ndarray:
-    """The matched confusion as an RGB picture: rows true class, columns predicted class, each
-    row normalised by its true-class pixel count, white (0) to dark blue (1); names on the left
-    and (rotated) on top."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    counts = np.asarray(histogram, np.float64).T  # rows: true class
-    counts = counts[: len(class_names), : len(class_names)]
-    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    white, blue = np.array([247, 251, 255.0]), np.array([8, 48, 107.0])
-    colours = (white + frac[..., None] * (blue - white)).astype(np.uint8)
-    grid = colours.repeat(cell, 0).repeat(cell, 1)
-    font = ImageFont.load_default()
-    margin = 8 + 7 * max(len(n) for n in class_names)
-    n = len(class_names)
-    size = margin + n * cell + 4
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(Image.fromarray(grid), (margin, margin))
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(class_names):
-        draw.text((4, margin + i * cell + 3), name, fill=(0, 0, 0), font=font)
-        label = Image.new("RGB", (margin, cell), (255, 255, 255))
-        ImageDraw.Draw(label).text((4, 3), name, fill=(0, 0, 0), font=font)
-        canvas.paste(label.rotate(90, expand=True), (margin + i * cell, 0))
-    for i in range(n + 1):  # cell borders
-        p = margin + i * cell
-        draw.line([(p, margin), (p, margin + n * cell)], fill=(128, 128, 128))
-        draw.line([(margin, p), (margin + n * cell, p)], fill=(128, 128, 128))
-    return np.asarray(canvas)
-
-
-def write_report(results: dict, class_names: list[str], out_dir: str) -> dict:
-    """Writes results.json, per_class_iou.txt and confusion_<key>.png; returns the paths."""
-    paths = {
-        "results": os.path.join(out_dir, "results.json"),
-        "per_class": os.path.join(out_dir, "per_class_iou.txt"),
-    }
-
-    files.write_text_atomic(paths["results"], json.dumps(to_json(results, class_names), indent=2))
-    table = format_table(results) + "\n\n" + format_class_table(results, class_names) + "\n"
-    files.write_text_atomic(paths["per_class"], table)
-    for key in ("cluster_crf", "cluster", "linear"):
-        if key in results:
-            path = os.path.join(out_dir, f"confusion_{key}.png")
-            files.save_image_atomic(path, render_confusion(results[key]["histogram"], class_names))
-            paths[f"confusion_{key}"] = path
-    return paths
-
-
 # --- Command line ------------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
@@ -337,6 +227,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("out", None, "Output directory (default: <checkpoint>/eval).")
     flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+    distributed.define_flags()
 
 
 def check_model_matches(checkpoint_cfg, other_cfg) -> None:
@@ -355,24 +246,26 @@ def check_model_matches(checkpoint_cfg, other_cfg) -> None:
 
 
 def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, max_batches=0):
-    """Loads an export, evaluates it on its config's eval split, writes the report."""
-    from depthg_jax import checkpoint
-    from depthg_jax.data import pipeline
+    """Loads an export, evaluates it on its config's eval split, writes the report.
 
+    Returns (results, class names, written paths, the export's selection record or None).
+    """
     config, params = checkpoint.load_export(checkpoint_dir)
+    selection = checkpoint.load_selection(checkpoint_dir)
     if config_override is not None:
         check_model_matches(config, config_override)
         config.data = config_override.data
         config.eval = config_override.eval
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-    eval_data = pipeline.eval_data_config(config.data)
+    eval_data = config_lib.eval_data(config)
     loader = pipeline.make_eval_loader(
         eval_data,
         global_batch_size=config.eval.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         max_batches=max_batches,
+        release_depth_cast=config_lib.release_depth_cast(config, eval_data.name),
     )
     results = evaluate_loader(
         params,
@@ -382,11 +275,13 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
         flip=config.eval.flip,
         crf=config.eval.crf,
         mesh=mesh,
+        crf_image=config.eval.get("crf_image", "exact"),
     )
+    results["checkpoint"] = selection
     names = palette.class_names(eval_data.name, config.data.n_classes)
     out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
-    paths = write_report(results, names, out_dir) if jax.process_index() == 0 else {}
-    return results, names, paths
+    paths = reports.write_report(results, names, out_dir) if jax.process_index() == 0 else {}
+    return results, names, paths, selection
 
 
 def main(argv):
@@ -395,15 +290,19 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint=DIR is required (an export directory)")
+    distributed.initialize()
     try:
-        results, names, paths = run(FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches)
+        results, names, paths, selection = run(
+            FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:
-        print(format_table(results))
+        print(reports.describe_checkpoint(FLAGS.checkpoint, selection))
+        print(reports.format_table(results))
         print()
-        print(format_class_table(results, names))
+        print(reports.format_class_table(results, names))
         for what, path in paths.items():
             print(f"wrote {what}: {path}")
 

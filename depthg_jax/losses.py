@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from depthg_jax import sampling
+from depthg_jax import image_ops, sampling
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # The release's "no clamp" lower bound when zero_clamp is off.
@@ -58,10 +58,13 @@ class LossParams:
     depth_positive: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def normalize(x: jax.Array, eps: float = 1e-10) -> jax.Array:
-    """`F.normalize(x, dim=channels, eps)`: x / max(‖x‖₂ over the last axis, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+# F.normalize's eps in the release's correlation and depth terms.
+NORMALIZE_EPS = 1e-10
+
+
+def normalize(x: jax.Array) -> jax.Array:
+    """Unit vectors over the last (channel) axis, as the release's `F.normalize(x, dim=1)`."""
+    return image_ops.l2_normalize(x, axis=-1, eps=NORMALIZE_EPS)
 
 
 def correlation(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -134,7 +137,7 @@ def correlation_term(
 
 def _reference_depth_correlation(depth: jax.Array, num_side: int) -> jax.Array:
     """The released dd: depth resized to S×S (align_corners), normalised over its 1 channel."""
-    d = sampling.resize_bilinear(depth[..., None], num_side, align_corners=True)
+    d = image_ops.resize_bilinear(depth[..., None], num_side, align_corners=True)
     d = normalize(d)  # sign(d): 1 for every positive depth
     return correlation(d, d)
 
@@ -148,7 +151,7 @@ def _corrected_depth_correlation(
 ) -> jax.Array:
     """D = 1 − ‖p − p'‖ / max‖p − p'‖ of the sampled points lifted to 3D (SPEC §5)."""
     h, w = sampling._pair(feature_hw)
-    pooled = sampling.average_pool(depth, (h, w))
+    pooled = image_ops.average_pool(depth, (h, w))
     d = sampling.sample(pooled[..., None], coords)[..., 0]  # (B, S, S)
     # `sample` reads out[i, j] at coords[j, i]: the positions of the values in d.
     pos = jnp.swapaxes(coords, 1, 2).astype(d.dtype)
@@ -340,7 +343,7 @@ def linear_probe_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
             f"labels {tuple(labels.shape)} and logits {tuple(logits.shape)} differ in B"
         )
     n = logits.shape[-1]
-    up = sampling.resize_bilinear(logits, labels.shape[1:], align_corners=False)
+    up = image_ops.resize_bilinear(logits, labels.shape[1:], align_corners=False)
     logp = jax.nn.log_softmax(up, axis=-1)
     valid = (labels >= 0) & (labels < n)
     safe = jnp.where(valid, labels, 0).astype(jnp.int32)

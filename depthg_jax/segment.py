@@ -1,12 +1,12 @@
 """Segment a folder of images with an exported model and write pictures of the result.
 
 python -m depthg_jax.segment --checkpoint=DIR --images=DIR --out=DIR [--res=320]
-    [--batch-size=8] [--probe=cluster|linear] [--assignment=results.json] [--crf]
+    [--batch_size=8] [--probe=cluster|linear] [--assignment=results.json] [--crf]
 
-Every .jpg/.jpeg/.png under --images (recursively, any size) is resized to res x res, segmented
-(flip-averaged code, as in evaluation), optionally refined by the dense CRF, and the label map
-is resized back (nearest) to the image's own size. For each image, under --out, mirroring the
-input folders:
+Every image under --images (recursively, any size; `data.images.IMAGE_EXTENSIONS`) is resized
+to res x res, segmented (flip-averaged code, as in evaluation), optionally refined by the
+dense CRF, and the label map is resized back (nearest) to the image's own size. For each
+image, under --out, mirroring the input folders:
   labels/<name>.png   class (or cluster) id per pixel, 8-bit grey
   color/<name>.png    the ids coloured with the dataset's colour map (a fixed palette otherwise)
   overlay/<name>.png  the image and the colour mask blended over it, side by side
@@ -19,17 +19,20 @@ their Hungarian-matched class (else clusters get the palette by id).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
-from depthg_jax import files, palette
+from depthg_jax import checkpoint, crf, files
+from depthg_jax.data import images as images_lib
+from depthg_jax.data import palette
+from depthg_jax.models import model as model_lib
+from depthg_jax.models import vit
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 OVERLAY_ALPHA = 0.5
 
 
@@ -39,26 +42,22 @@ class SegmentError(Exception):
 
 def find_images(root: str) -> list[Path]:
     """All images under root (recursive, sorted), as paths relative to root."""
-    base = Path(root)
-    if not base.is_dir():
+    if not Path(root).is_dir():
         raise SegmentError(f"--images={root} is not a directory")
-    found = sorted(
-        p.relative_to(base)
-        for p in base.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    found = images_lib.find_images(root)
     if not found:
-        raise SegmentError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {root}")
+        raise SegmentError(
+            f"no {'/'.join(images_lib.IMAGE_EXTENSIONS)} images found under {root}"
+        )
     return found
 
 
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 (H, W, 3); raises SegmentError naming the file if it cannot be decoded."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise SegmentError(f"cannot read {path}: {e}") from e
+        return images_lib.read_image(path)
+    except ValueError as e:
+        raise SegmentError(str(e)) from e
 
 
 def resize_rgb(image: np.ndarray, res: int) -> np.ndarray:
@@ -101,9 +100,6 @@ class Segmenter:
     (count, res, res) of the first `count` images (the rest is padding)."""
 
     def __init__(self, checkpoint_dir: str, *, probe: str, use_crf: bool, res: int):
-        from depthg_jax import checkpoint
-        from depthg_jax.models import vit
-
         try:
             config, params = checkpoint.load_export(checkpoint_dir)
         except (FileNotFoundError, ValueError) as e:
@@ -120,20 +116,10 @@ class Segmenter:
         self.probe, self.use_crf = probe, use_crf
         self.n_classes = int(config.data.n_classes)
         self.pool = None
+        self._predict = model_lib.predict_fn(config.model, self.n_classes)
 
     def labels(self, images: np.ndarray, count: int) -> np.ndarray:
-        from depthg_jax import crf, inference
-
-        m = self.config.model
-        out = inference.predict(
-            self.params,
-            images,
-            variant=m.variant,
-            dim=m.dim,
-            n_classes=self.n_classes,
-            dtype=m.dtype,
-            flip=True,
-        )
+        out = self._predict(self.params, images, flip=True)
         key = "cluster_log_probs" if self.probe == "cluster" else "linear_logits"
         scores = np.asarray(out[key])[:count]
         if not self.use_crf:
@@ -220,38 +206,38 @@ def segment_folder(
     return written, errors
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m depthg_jax.segment", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--checkpoint", required=True, help="An export directory.")
-    parser.add_argument("--images", required=True, help="Folder of .jpg/.png images (recursive).")
-    parser.add_argument("--out", required=True, help="Output folder.")
-    parser.add_argument("--res", type=int, default=320, help="Model input side (px).")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
-    parser.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
-    parser.add_argument("--assignment", default=None, help="evaluate's results.json.")
-    parser.add_argument("--crf", action="store_true", help="Refine with the dense CRF.")
-    return parser.parse_args(argv)
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "An export directory.")
+    flags.DEFINE_string("images", None, "Folder of images (recursive).")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_integer("res", 320, "Model input side (px).")
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+    flags.DEFINE_enum("probe", "cluster", ["cluster", "linear"], "Which probe labels pixels.")
+    flags.DEFINE_string("assignment", None, "evaluate's results.json (colours clusters by class).")
+    flags.DEFINE_bool("crf", False, "Refine with the dense CRF.")
+    flags.mark_flags_as_required(["checkpoint", "images", "out"])
+
+
+def run() -> int:
+    """Segments as the flags say; returns the exit status (2: bad input, 1: unreadable images)."""
     try:
         written, errors = segment_folder(
-            args.checkpoint,
-            args.images,
-            args.out,
-            res=args.res,
-            batch_size=args.batch_size,
-            probe=args.probe,
-            assignment=args.assignment,
-            use_crf=args.crf,
+            FLAGS.checkpoint,
+            FLAGS.images,
+            FLAGS.out,
+            res=FLAGS.res,
+            batch_size=FLAGS.batch_size,
+            probe=FLAGS.probe,
+            assignment=FLAGS.assignment,
+            use_crf=FLAGS.crf,
         )
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {written} segmentations under {args.out} (labels/, color/, overlay/)")
+    print(f"wrote {written} segmentations under {FLAGS.out} (labels/, color/, overlay/)")
     if errors:
         print(f"{len(errors)} image(s) could not be read:", file=sys.stderr)
         for message in errors:
@@ -260,5 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    sys.exit(run())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    app.run(main)

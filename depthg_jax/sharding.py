@@ -53,3 +53,28 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
     )
+
+
+def ensure_replicated(tree, mesh: Mesh):
+    """Replicates a pytree on the mesh unless a leaf already is (the trainer's backbone is)."""
+    devices = set(mesh.devices.flat)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+            if set(x.sharding.device_set) == devices:
+                return x
+        return jax.make_array_from_process_local_data(
+            replicated(mesh), np.asarray(jax.device_get(x))
+        )
+
+    return jax.tree.map(place, tree)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = {}
+    for s in x.addressable_shards:
+        start = s.index[0].start or 0
+        shards.setdefault(start, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+

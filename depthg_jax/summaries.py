@@ -8,7 +8,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from depthg_jax import files, palette
+from depthg_jax import files
+from depthg_jax.data import palette
+from depthg_jax.models import model as model_lib
 
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:
@@ -47,22 +49,12 @@ def write_image_summary(
     """
     if jax.process_index() != 0:
         return None
-    from depthg_jax import inference
-
     batch = next(iter(loader))
     valid = np.asarray(batch["valid"], bool)
     images = np.asarray(batch["image"])[valid][:max_images]
     if len(images) == 0:
         return None
-    out = inference.predict(
-        params,
-        images,
-        variant=config.model.variant,
-        dim=config.model.dim,
-        n_classes=config.data.n_classes,
-        dtype=config.model.dtype,
-        flip=False,
-    )
+    out = model_lib.predict_fn(config.model, config.data.n_classes)(params, images, flip=False)
     clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
     if val_result is not None and "assignment" in val_result["cluster"]:
         clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]

@@ -49,7 +49,7 @@ def test_normalize_images_matches_imagenet_statistics():
 
 def test_upsample_matches_torch_bilinear():
     x = np.random.default_rng(0).normal(size=(2, 5, 4, 3)).astype(np.float32)
-    got = np.asarray(sampling.resize_bilinear(jnp.asarray(x), (40, 32), align_corners=False))
+    got = np.asarray(image_ops.resize_bilinear(jnp.asarray(x), (40, 32), align_corners=False))
     t = torch.nn.functional.interpolate(
         torch.from_numpy(x).permute(0, 3, 1, 2), (40, 32), mode="bilinear", align_corners=False
     )

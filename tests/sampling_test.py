@@ -89,7 +89,7 @@ def test_grid_sample_matches_torch(align_corners, padding):
             align_corners=align_corners,
         )
     )
-    got = sampling.grid_sample(jnp.asarray(x), jnp.asarray(grid), align_corners, padding)
+    got = image_ops.grid_sample(jnp.asarray(x), jnp.asarray(grid), align_corners, padding)
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL)
 
 
@@ -100,7 +100,7 @@ def test_sample_is_released_sample():
     got = sampling.sample(jnp.asarray(x), jnp.asarray(coords))
     np.testing.assert_allclose(np.asarray(got), torch_sample(x, coords), atol=TOL)
     # The transpose matters: out[i, j] reads coords[j, i].
-    direct = sampling.grid_sample(jnp.asarray(x), jnp.asarray(coords), True, "border")
+    direct = image_ops.grid_sample(jnp.asarray(x), jnp.asarray(coords), True, "border")
     np.testing.assert_allclose(np.asarray(got), np.swapaxes(np.asarray(direct), 1, 2), atol=TOL)
 
 
@@ -110,7 +110,7 @@ def test_resize_bilinear_matches_torch(align_corners, size):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
     want = nhwc(F.interpolate(nchw(x), size=size, mode="bilinear", align_corners=align_corners))
-    got = sampling.resize_bilinear(jnp.asarray(x), size, align_corners)
+    got = image_ops.resize_bilinear(jnp.asarray(x), size, align_corners)
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL)
 
 
@@ -120,12 +120,12 @@ def test_average_pool_matches_torch(size):
     d = rng.uniform(0, 1, (2, 30, 23)).astype(np.float32)
     want = F.adaptive_avg_pool2d(torch.from_numpy(d)[:, None], size)[:, 0].numpy()
     np.testing.assert_allclose(
-        np.asarray(sampling.average_pool(jnp.asarray(d), size)), want, atol=TOL
+        np.asarray(image_ops.average_pool(jnp.asarray(d), size)), want, atol=TOL
     )
     # Depth as the model sees it (0..255): same to float32 relative precision.
     d255 = np.round(d * 255).astype(np.float32)
     want = F.adaptive_avg_pool2d(torch.from_numpy(d255)[:, None], size)[:, 0].numpy()
-    got = sampling.average_pool(jnp.asarray(d255.astype(np.uint8)), size)
+    got = image_ops.average_pool(jnp.asarray(d255.astype(np.uint8)), size)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-4)
 
 
@@ -274,11 +274,11 @@ def test_non_finite_depth_rejected_on_host_and_harmless_on_device():
 def test_shape_errors_name_the_shapes():
     x = jnp.zeros((2, 4, 4, 3))
     with pytest.raises(ValueError, match=r"grid must be \(B=2.*\(3, 2, 2, 2\)"):
-        sampling.grid_sample(x, jnp.zeros((3, 2, 2, 2)), True, "border")
+        image_ops.grid_sample(x, jnp.zeros((3, 2, 2, 2)), True, "border")
     with pytest.raises(ValueError, match=r"coords must be \(B=2, S, S, 2\).*\(2, 3, 4, 2\)"):
         sampling.sample(x, jnp.zeros((2, 3, 4, 2)))
     with pytest.raises(ValueError, match="padding"):
-        sampling.grid_sample(x, jnp.zeros((2, 2, 2, 2)), True, "reflection")
+        image_ops.grid_sample(x, jnp.zeros((2, 2, 2, 2)), True, "reflection")
 
 
 # ------------------------------------------------------------------------- randomness

@@ -44,8 +44,9 @@ Dataset layouts (``root`` is the folder given as ``data.root``)
   optional ``labels/<split>/<id>.png`` (uint8 class ids, 255 = ignore).
 * ``cocostuff27``: ``images/{train2017,val2017}/<id>.jpg``, ``annotations/<same>/<id>.png``
   (182 fine ids, 255 = ignore; mapped to 27 coarse classes as STEGO does). Image ids come
-  from the curated list ``Coco164kFull_Stuff_Coarse_7.txt`` (IIC / STEGO), looked up at
-  ``<root>/curated/<split dir>/`` and then in the repository's ``data/cocostuff27/curated/``.
+  from IIC's curated lists, as the release uses them: ``Coco164kFull_Stuff_Coarse.txt`` for
+  train2017 (97,702 ids), ``Coco164kFull_Stuff_Coarse_7.txt`` for val2017 (2,175), shipped in
+  the package (``depthg_jax/data/assets``); ``<root>/curated/<split dir>/<list>`` replaces one.
 * ``cityscapes27``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
   ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; labelIds 7..33 -> 0..26, others ignore.
 * ``potsdam3`` (STEGO's preprocessed Potsdam): ``imgs/<id>.mat`` (key ``img``, H,W,4 with
@@ -58,24 +59,26 @@ Dataset layouts (``root`` is the folder given as ``data.root``)
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "data"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-DEPTH_SUFFIXES = ("_zoedepth.png", "_zoedepth_16.png", "_depth.npy")
+from depthg_jax.data import assets, images
+
+DEPTH_SUFFIXES = tuple(images.DEPTH_SUFFIXES.values())
 IGNORE = -1
 _UNEXPECTED = -2  # Marks raw label values a dataset's mapping does not know.
-COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 COCO_SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
-# Lengths of STEGO's curated lists, the splits behind the published COCO-Stuff-27 numbers.
-COCO_CURATED_SIZES = {"train2017": 49629, "val2017": 2175}
+# IIC's curated lists as the release uses them (docs/release.md#coco-stuff-lists): it trains
+# on the Coarse train list and evaluates on the _7 val list.
+COCO_CURATED_LISTS = {
+    "train2017": "Coco164kFull_Stuff_Coarse.txt",
+    "val2017": "Coco164kFull_Stuff_Coarse_7.txt",
+}
+COCO_CURATED_SIZES = {"train2017": 97702, "val2017": 2175}
 POTSDAM_SPLIT_FILES = {
     "train": ["labelled_train.txt"],
     "unlabelled_train": ["unlabelled_train.txt"],
@@ -101,17 +104,6 @@ class Record:
 # --- Readers ---------------------------------------------------------------------------------
 
 
-def read_image(path: str) -> np.ndarray:
-    """Reads an image file as uint8 (H,W,3) RGB; a corrupt or missing file names itself."""
-    try:
-        with Image.open(path) as im:
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read image {path}: {e}") from e
-
-
 def read_label_png(path: str) -> np.ndarray:
     """Reads a label PNG as its raw integer values (H,W)."""
     try:
@@ -119,28 +111,6 @@ def read_label_png(path: str) -> np.ndarray:
             return np.asarray(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"Cannot read label {path}: {e}") from e
-
-
-def read_potsdam_image(path: str) -> np.ndarray:
-    """Reads a STEGO Potsdam .mat image (key 'img', H,W,4) as uint8 RGB (the IR band dropped)."""
-    from scipy.io import loadmat
-
-    try:
-        img = np.asarray(loadmat(path)["img"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"Cannot read Potsdam image {path}: {e}") from e
-    if img.ndim != 3 or img.shape[-1] < 3:
-        raise ValueError(f"Potsdam image {path} has shape {img.shape}, expected (H,W,>=3)")
-    return potsdam_to_uint8(img[..., :3])
-
-
-def potsdam_to_uint8(img: np.ndarray) -> np.ndarray:
-    """As STEGO's `to_pil_image`: uint8 kept, floats scaled by 255 and truncated (clipped here)."""
-    if img.dtype == np.uint8:
-        return img
-    if np.issubdtype(img.dtype, np.floating):
-        return np.clip(img.astype(np.float64) * 255.0, 0, 255).astype(np.uint8)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def read_potsdam_label(path: str) -> np.ndarray:
@@ -161,7 +131,7 @@ def find_depth_file(depth_stem: str) -> str | None:
     return None
 
 
-def normalize_depth(raw: np.ndarray, path: str) -> np.ndarray:
+def decode_depth(raw: np.ndarray, path: str) -> np.ndarray:
     """Maps a raw depth array to float32 [0,255], 0 = nearest, by the file's kind."""
     if path.endswith(".npy"):
         d = raw.astype(np.float64)
@@ -197,17 +167,19 @@ def read_depth(depth_stem: str, image_id: str = "") -> np.ndarray:
         raw = raw[..., 0]
     if raw.ndim != 2:
         raise ValueError(f"Depth {path} has shape {raw.shape}, expected (H,W)")
-    return normalize_depth(raw, path)
+    return decode_depth(raw, path)
+
+
+def release_potsdam_depth(depth: np.ndarray) -> np.ndarray:
+    """The released Potsdam loader's depth: [0, 255] -> {0, 1} (docs/release.md#potsdam-depth).
+
+    It scales the 8-bit map to [0, 1] (to_tensor) and then casts it to an integer (its label
+    transform), so only pixels that were exactly 255 stay 1.
+    """
+    return np.floor(np.asarray(depth, np.float32) / 255.0).astype(np.float32)
 
 
 # --- Label mappings --------------------------------------------------------------------------
-
-
-def load_dataset_info(name: str) -> dict:
-    """Loads a dataset's class names, colours and mappings from data/<name>.json."""
-    path = ASSETS_DIR / f"{name}.json"
-    with open(path) as f:
-        return json.load(f)
 
 
 def make_label_lut(mapping: dict[int, int], ignore_values: Sequence[int] = (255,)) -> np.ndarray:
@@ -227,7 +199,7 @@ def identity_lut(n_classes: int) -> np.ndarray:
 
 def coco_lut() -> np.ndarray:
     """COCO-Stuff 182 fine ids -> 27 coarse classes (STEGO's mapping), 255 -> ignore."""
-    fine_to_coarse = load_dataset_info("cocostuff27")["fine_to_coarse"]
+    fine_to_coarse = assets.dataset_info("cocostuff27")["fine_to_coarse"]
     return make_label_lut(dict(enumerate(fine_to_coarse)))
 
 
@@ -240,7 +212,7 @@ def cityscapes_lut() -> np.ndarray:
 
 def potsdam_lut() -> np.ndarray:
     """Potsdam 6 fine classes -> 3 coarse (STEGO): {0,4} -> 0, {1,5} -> 1, {2,3} -> 2."""
-    fine_to_coarse = load_dataset_info("potsdam3")["fine_to_coarse"]
+    fine_to_coarse = assets.dataset_info("potsdam3")["fine_to_coarse"]
     return make_label_lut(dict(enumerate(fine_to_coarse)))
 
 
@@ -275,8 +247,9 @@ class ExampleSource:
         n_classes: int,
         label_lut: np.ndarray,
         name: str,
-        read_image_fn: Callable[[str], np.ndarray] = read_image,
+        read_image_fn: Callable[[str], np.ndarray] = images.read_image,
         read_label_fn: Callable[[str], np.ndarray] = read_label_png,
+        release_depth_cast: bool = False,
     ):
         if not records:
             raise ValueError(f"Dataset {name!r} has no examples")
@@ -286,6 +259,7 @@ class ExampleSource:
         self.name = name
         self.read_image_fn = read_image_fn
         self.read_label_fn = read_label_fn
+        self.release_depth_cast = release_depth_cast
 
     def __len__(self) -> int:
         return len(self.records)
@@ -327,6 +301,8 @@ class ExampleSource:
                     rec.label,
                     self.n_classes,
                 )
+        if self.release_depth_cast:
+            depth = release_potsdam_depth(depth)
         return {"id": rec.id, "image": image, "depth": depth, "label": label}
 
 
@@ -344,7 +320,7 @@ def list_directory_records(root: str, split: str) -> list[Record]:
     for dirpath, _, files in os.walk(image_dir):
         for fn in files:
             stem, ext = os.path.splitext(fn)
-            if ext.lower() not in IMAGE_EXTENSIONS:
+            if ext.lower() not in images.IMAGE_EXTENSIONS or images.is_depth_map(fn):
                 continue
             rel = os.path.relpath(os.path.join(dirpath, stem), image_dir).replace(os.sep, "/")
             if rel in found:
@@ -372,37 +348,58 @@ def _read_id_list(paths: Sequence[str]) -> list[str]:
     raise FileNotFoundError(f"No image list found; looked for {', '.join(paths)}")
 
 
-def list_coco_records(root: str, split: str) -> list[Record]:
-    """Records of COCO-Stuff-27 over STEGO's curated list for the split ("train"/"val")."""
-    split_dir = COCO_SPLIT_DIRS.get(split, split)
-    try:
-        ids = _read_id_list(
-            [
-                os.path.join(root, "curated", split_dir, COCO_CURATED_LIST),
-                str(ASSETS_DIR / "cocostuff27" / "curated" / split_dir / COCO_CURATED_LIST),
-            ]
+def coco_curated_ids(root: str, split_dir: str) -> tuple[list[str], str]:
+    """(ids, where they came from) of the curated list for a COCO split folder.
+
+    `<root>/curated/<split dir>/<list>` replaces the shipped list when present (STEGO's
+    download has the same files); a length other than the published split's is a warning.
+    """
+    name = COCO_CURATED_LISTS.get(split_dir)
+    if name is None:
+        raise ValueError(
+            f"cocostuff27 has curated lists for {sorted(COCO_CURATED_LISTS)}, not {split_dir!r}"
         )
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{e}. COCO-Stuff-27 needs STEGO's curated list; data/README.md says where to get "
-            "it (it comes with STEGO's cocostuff download)"
-        ) from None
+    local = os.path.join(root, "curated", split_dir, name)
+    if os.path.exists(local):
+        ids, where = _read_id_list([local]), local
+    else:
+        ids = assets.read_lines("cocostuff27", "curated", split_dir, name)
+        where = f"depthg_jax/data/assets/cocostuff27/curated/{split_dir}/{name}"
     if not ids:
-        raise ValueError(f"Empty split: the curated list for {split_dir} has no ids")
-    expected = COCO_CURATED_SIZES.get(split_dir)
-    if expected is not None and len(ids) != expected:
+        raise ValueError(f"Empty split: the curated list {where} has no ids")
+    expected = COCO_CURATED_SIZES[split_dir]
+    if len(ids) != expected:
         # A subset is legitimate (debugging, ablations) but not the published protocol.
         log.warning(
-            "cocostuff27 %s: the list has %d ids, STEGO's curated list has %d; results are "
-            "not comparable to the published numbers",
+            "cocostuff27 %s: %s has %d ids, the published split has %d; results are not "
+            "comparable to the published numbers",
             split_dir,
+            where,
             len(ids),
             expected,
+        )
+    return ids, where
+
+
+def list_coco_records(root: str, split: str) -> list[Record]:
+    """Records of COCO-Stuff-27 over IIC's curated list for the split ("train"/"val").
+
+    Every listed image must be on disk: a missing one is an error naming the list and image.
+    """
+    split_dir = COCO_SPLIT_DIRS.get(split, split)
+    ids, where = coco_curated_ids(root, split_dir)
+    image_dir = os.path.join(root, "images", split_dir)
+    on_disk = set(os.listdir(image_dir)) if os.path.isdir(image_dir) else set()
+    missing = [i for i in ids if i + ".jpg" not in on_disk]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) of the curated list {where} are not on disk, e.g. "
+            f"{os.path.join(image_dir, missing[0] + '.jpg')}"
         )
     return [
         Record(
             i,
-            os.path.join(root, "images", split_dir, i + ".jpg"),
+            os.path.join(image_dir, i + ".jpg"),
             os.path.join(root, "depth", split_dir, i),
             os.path.join(root, "annotations", split_dir, i + ".png"),
         )
@@ -470,8 +467,14 @@ def list_records(name: str, root: str, split: str) -> list[Record]:
     raise ValueError(f"Unknown dataset {name!r}; one of {DATASET_NAMES}")
 
 
-def make_source(name: str, root: str, split: str, n_classes: int) -> ExampleSource:
-    """The random-access example source of a dataset split."""
+def make_source(
+    name: str, root: str, split: str, n_classes: int, *, release_depth_cast: bool = False
+) -> ExampleSource:
+    """The random-access example source of a dataset split.
+
+    release_depth_cast: depth as the released Potsdam loader sees it (`release_potsdam_depth`);
+    set by the config for potsdam3 under objective="reference".
+    """
     if not root:
         raise ValueError(f"Dataset {name!r} needs data.root (the dataset folder)")
     records = list_records(name, root, split)
@@ -482,9 +485,14 @@ def make_source(name: str, root: str, split: str, n_classes: int) -> ExampleSour
         lut = cityscapes_lut()
     elif name == "potsdam3":
         lut = potsdam_lut()
-        readers = {"read_image_fn": read_potsdam_image, "read_label_fn": read_potsdam_label}
+        readers = {"read_label_fn": read_potsdam_label}
     else:
         lut = identity_lut(n_classes)
     return ExampleSource(
-        records, n_classes=n_classes, label_lut=lut, name=f"{name}:{split}", **readers
+        records,
+        n_classes=n_classes,
+        label_lut=lut,
+        name=f"{name}:{split}",
+        release_depth_cast=release_depth_cast,
+        **readers,
     )

@@ -18,10 +18,10 @@ Train on the result with data.name="directory", data.root=<out>.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
+from absl import app, flags
 
 from depthg_jax import files
 from depthg_jax.data import datasets
@@ -64,8 +64,17 @@ def encode_depth_crop(depth: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.round(depth.astype(np.float64) * (65535.0 / 255.0)).astype(np.uint16), True
 
 
+# PIL's default JPEG quality, which the release's crops were written at (docs/release.md).
+RELEASE_JPEG_QUALITY = 75
+
+
 def write_five_crops(
-    source: datasets.ExampleSource, out: str, split: str, *, image_format: str = "jpg"
+    source: datasets.ExampleSource,
+    out: str,
+    split: str,
+    *,
+    image_format: str = "jpg",
+    jpeg_quality: int = RELEASE_JPEG_QUALITY,
 ) -> int:
     """Writes the five crops of every example of source under out; returns #images cropped."""
     from tqdm import tqdm
@@ -90,28 +99,39 @@ def write_five_crops(
                 label = np.where(ex["label"][window] < 0, 255, ex["label"][window])
                 files.save_image_atomic(paths["label"], label.astype(np.uint8))
             # The image last: its presence (with depth) marks the crop complete.
-            options = {"quality": 95} if pil_format == "JPEG" else {}
+            options = {"quality": jpeg_quality} if pil_format == "JPEG" else {}
             files.save_image_atomic(paths["image"], ex["image"][window], pil_format, **options)
         done += 1
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=datasets.DATASET_NAMES)
-    parser.add_argument("--root", required=True, help="The dataset's root folder.")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--out", required=True, help="Root of the cropped directory dataset.")
-    parser.add_argument("--n_classes", type=int, default=0, help="Default: the dataset's.")
-    parser.add_argument("--image_format", default="jpg", choices=("jpg", "png"))
-    args = parser.parse_args(argv)
-    n_classes = args.n_classes or DEFAULT_CLASSES.get(args.dataset, 0)
+def define_flags() -> None:
+    flags.DEFINE_enum("dataset", None, list(datasets.DATASET_NAMES), "The dataset to crop.")
+    flags.DEFINE_string("root", None, "The dataset's root folder.")
+    flags.DEFINE_string("split", "train", "Split to crop.")
+    flags.DEFINE_string("out", None, "Root of the cropped directory dataset.")
+    flags.DEFINE_integer("n_classes", 0, "Default: the dataset's.")
+    flags.DEFINE_enum("image_format", "jpg", ["jpg", "png"], "Crop image format.")
+    flags.DEFINE_integer(
+        "jpeg_quality", RELEASE_JPEG_QUALITY, "JPEG quality (75: PIL's default, as released)."
+    )
+    flags.mark_flags_as_required(["dataset", "root", "out"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, 0)
     if n_classes < 1:
-        parser.error(f"--n_classes is required for dataset {args.dataset!r}")
-    source = datasets.make_source(args.dataset, args.root, args.split, n_classes)
-    n = write_five_crops(source, args.out, args.split, image_format=args.image_format)
-    print(f"Cropped {n} of {len(source)} images into {args.out} ({len(source) - n} already done)")
+        raise app.UsageError(f"--n_classes is required for dataset {f.dataset!r}")
+    source = datasets.make_source(f.dataset, f.root, f.split, n_classes)
+    n = write_five_crops(
+        source, f.out, f.split, image_format=f.image_format, jpeg_quality=f.jpeg_quality
+    )
+    print(f"Cropped {n} of {len(source)} images into {f.out} ({len(source) - n} already done)")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -24,6 +24,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from depthg_jax import files
+from depthg_jax.data import datasets, streams
+from depthg_jax.image_ops import l2_normalize, normalize_images
+
 log = logging.getLogger(__name__)
 
 KNN_COMMAND = "python -m depthg_jax.data.knn --config=<your config> --config.model.weights=<DINO>"
@@ -63,19 +67,13 @@ def find_knn_table(root: str, split: str, res: int, variant: str = "") -> str:
     return os.path.join(folder, found[0])
 
 
-def normalize_features(features: np.ndarray, eps: float = 1e-10) -> np.ndarray:
-    """L2-normalises rows (float32), as F.normalize: x / max(||x||, eps)."""
-    f = np.asarray(features, np.float32)
-    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), eps)
-
-
 def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.ndarray:
     """Exact cosine top-k of each row among all rows: (N,D) float32 -> (N,k) int32.
 
     Rank 0 is always the row itself; the rest follow by decreasing cosine similarity of the
     L2-normalised features (float32), ties by increasing index. Memory: chunk_size x N floats.
     """
-    f = normalize_features(features)
+    f = l2_normalize(np.asarray(features, np.float32), axis=1, eps=1e-10)
     n = f.shape[0]
     if f.ndim != 2 or n == 0:
         raise ValueError(f"features must be (N,D) with N > 0, got shape {f.shape}")
@@ -100,8 +98,6 @@ def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.
 
 def save_knn_table(path: str, indices: np.ndarray, ids: Sequence[str]) -> None:
     """Writes a KNN table atomically (temporary file, then rename)."""
-    from depthg_jax import files
-
     table = {"indices": np.asarray(indices, np.int32), "ids": np.asarray(list(ids))}
     files.write_atomic(path, lambda f: np.savez(f, **table))
 
@@ -131,6 +127,7 @@ def extract_features(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    progress: bool = False,
 ) -> np.ndarray:
     """Pooled features (N,D) of every example of a source, in source order.
 
@@ -140,13 +137,11 @@ def extract_features(
     (G,h,w,C) feature map is average-pooled over h, w.
     """
     import grain
-
-    from depthg_jax.data import pipeline
-    from depthg_jax.data.transforms import normalize_images
+    from tqdm import tqdm
 
     n = len(source)
     batches = -(-n // global_batch_size)
-    stream = pipeline.EvalStream(
+    stream = streams.EvalStream(
         source,
         res=res,
         global_batch_size=global_batch_size,
@@ -157,7 +152,7 @@ def extract_features(
     ds = grain.MapDataset.source(stream).map(lambda ex: ex["image"]).batch(stream.local_batch)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
     feats = []
-    for images in it:
+    for images in tqdm(it, total=batches, desc="knn features", unit="batch", disable=not progress):
         f = np.asarray(feature_fn(normalize_images(images)), np.float32)
         if f.ndim == 4:
             f = f.mean(axis=(1, 2))
@@ -166,7 +161,14 @@ def extract_features(
                 f"feature_fn returned {f.shape[0]} rows for a global batch of {global_batch_size}"
             )
         feats.append(f)
-    return np.concatenate(feats)[:n]
+    out = np.concatenate(feats)[:n]
+    if not np.all(np.isfinite(out)):
+        bad = np.flatnonzero(~np.all(np.isfinite(out), axis=1))
+        raise FloatingPointError(
+            f"non-finite backbone features for {len(bad)} example(s), e.g. "
+            f"{source.ids[bad[0]]!r}: check the backbone weights"
+        )
+    return out
 
 
 def build_knn_table(
@@ -179,6 +181,7 @@ def build_knn_table(
     process_index: int = 0,
     process_count: int = 1,
     path: str | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Features of a source (see extract_features) -> (N, min(k,N)) KNN table; saved if path.
 
@@ -192,6 +195,7 @@ def build_knn_table(
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,
+        progress=progress,
     )
     table = compute_knn(feats, k=min(k, len(source)))
     if path is not None:
@@ -200,131 +204,136 @@ def build_knn_table(
     return table
 
 
-def make_sharded_feature_fn(variant: str, params, dtype: str = "float32"):
-    """A feature_fn running DinoViT jitted over all devices of all processes (batch on 'data').
+def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_key=None):
+    """A feature_fn running `features(params, images)` jitted over every device of every
+    process (batch on 'data'), returning pooled, L2-normalised features in global order.
 
-    Host-local images become one global array sharded P('data') over a 1-D mesh; the pooled,
-    L2-normalised features are gathered back to every process in global order.
+    dropout > 0: channel dropout (Dropout2d) on the feature map before pooling, a fresh mask
+    per image and call from `dropout_key` (the release's KNN features; docs/release.md#knn).
     """
     import jax
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from depthg_jax import xla
-    from depthg_jax.models.vit import DinoViT
+    from depthg_jax import sharding, xla
+    from depthg_jax.models.head import channel_dropout
 
-    model = DinoViT(variant, dtype=jnp.dtype(dtype))
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    mesh = sharding.make_mesh()
+    batch_sharding = sharding.batch_sharding(mesh)
+    params = sharding.replicate(params, mesh)
+    if dropout and dropout_key is None:
+        raise ValueError("KNN feature dropout needs a dropout_key")
 
     @xla.jit
-    def embed(p, images):
-        f = model.apply({"params": p}, images).mean(axis=(1, 2))
-        return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-10)
+    def embed(p, images, key):
+        f = features(p, images).astype(jnp.float32)
+        if dropout:
+            f = channel_dropout(key, f, dropout)
+        return l2_normalize(f.mean(axis=(1, 2)), eps=1e-10)
+
+    calls = [0]
 
     def feature_fn(local_images: np.ndarray) -> np.ndarray:
         images = jax.make_array_from_process_local_data(batch_sharding, local_images)
-        out = embed(params, images)
+        key = jax.random.fold_in(dropout_key, calls[0]) if dropout else jax.random.key(0)
+        calls[0] += 1
+        out = embed(params, images, key)
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
     return feature_fn
 
 
-def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30) -> str:
+# --------------------------------------------------------------------------------------
+# The command: python -m depthg_jax.data.knn --config=...
+# --------------------------------------------------------------------------------------
+
+
+def default_table_path(data_cfg, variant: str) -> str:
+    """data.knn_path, else the standard table of (root, train split, variant, train_res)."""
+    return data_cfg.get("knn_path", "") or knn_table_path(
+        data_cfg.root, data_cfg.train_split, variant, data_cfg.train_res
+    )
+
+
+def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30, progress=False) -> str:
     """Computes and writes the KNN table of config.data's train split; returns its path.
 
-    Uses config.model.weights (random init only if config.model.allow_random_backbone) and
-    the variant config.data.knn_variant or else config.model.variant.
+    The backbone is config.model.weights (a random one, seeded as the trainer seeds it, only
+    if config.model.allow_random_backbone) of data.knn_variant, else model.variant.
     """
     import jax
 
-    from depthg_jax.data import pipeline
+    from depthg_jax import distributed, seeds
+    from depthg_jax.models import model as model_lib
 
     data_cfg = config.data
     variant = data_cfg.get("knn_variant", "") or config.model.variant
-    path = data_cfg.get("knn_path", "") or knn_table_path(
-        data_cfg.root, data_cfg.train_split, variant, data_cfg.train_res
+    path = default_table_path(data_cfg, variant)
+    source = datasets.make_source(
+        data_cfg.name,
+        data_cfg.root,
+        data_cfg.train_split,
+        data_cfg.n_classes,
+        release_depth_cast=False,  # KNN reads images only
     )
-    source = pipeline.make_source_from_config(data_cfg, data_cfg.train_split)
-    params = load_params(config, variant)
-    global_batch = per_device_batch * jax.device_count()
+    if variant != config.model.variant:
+        log.warning(
+            "KNN table from a %s backbone (model.variant is %s)", variant, config.model.variant
+        )
+    params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0], variant)
+    dropout = float(data_cfg.get("knn_dropout", 0.0))
+    feature_fn = make_sharded_feature_fn(
+        model_lib.backbone_features(config.model, variant=variant),
+        params,
+        dropout=dropout,
+        dropout_key=seeds.knn_dropout_key(config.seed) if dropout else None,
+    )
     build_knn_table(
         source,
-        make_sharded_feature_fn(variant, params, config.model.get("dtype", "float32")),
+        feature_fn,
         res=data_cfg.train_res,
-        global_batch_size=global_batch,
+        global_batch_size=per_device_batch * jax.device_count(),
         k=k,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         path=path,
+        progress=progress and jax.process_index() == 0,
     )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("knn_table_written")
+    distributed.sync("knn_table_written")
     return path
 
 
-def load_params(config, variant: str):
-    """Backbone params: converted weights, or the trainer's seeded random init when allowed.
-
-    For the training variant this is exactly the backbone `train.train_and_evaluate` uses, so
-    a demo run's neighbours come from the same (random) features it trains on.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from depthg_jax import train
-
-    if variant == config.model.variant:
-        return train.init_backbone(config, train.build_models(config), train.run_keys(config)[0])
-    if config.model.weights:
-        raise ValueError(
-            f"config.model.weights holds {config.model.variant} weights but the KNN table is "
-            f"requested for data.knn_variant={variant!r}: run the KNN command with "
-            f"--config.model.variant={variant} and that variant's weights"
-        )
-    from depthg_jax.models.vit import DinoViT, patch_size
-
-    train.check_backbone_weights(config)
-    log.warning("KNN table from a RANDOMLY initialised %s backbone (no weights given)", variant)
-    dummy = jnp.zeros((1, 2 * patch_size(variant), 2 * patch_size(variant), 3), jnp.float32)
-    return DinoViT(variant).init(jax.random.key(config.seed), dummy)["params"]
-
-
 def main(argv: Sequence[str]) -> None:
-    del argv
     import jax
+    from absl import flags
 
-    if FLAGS.distributed:
-        if FLAGS.coordinator_address:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(
-                coordinator_address=FLAGS.coordinator_address,
-                num_processes=FLAGS.num_processes,
-                process_id=FLAGS.process_id,
-            )
-        else:
-            jax.distributed.initialize()
-    path = make_knn_table(FLAGS.config, per_device_batch=FLAGS.per_device_batch, k=FLAGS.k)
+    from depthg_jax import distributed
+
+    del argv
+    distributed.initialize()
+    config = flags.FLAGS.config
+    path = make_knn_table(
+        config, per_device_batch=flags.FLAGS.per_device_batch, k=flags.FLAGS.k, progress=True
+    )
     if jax.process_index() == 0:
         print(f"KNN table: {path}")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def _define_flags() -> None:
+    from absl import flags
     from ml_collections import config_flags
 
-    FLAGS = flags.FLAGS
+    from depthg_jax import distributed
+
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_integer("per_device_batch", 8, "Images per device per step.")
     flags.DEFINE_integer("k", 30, "Neighbours stored per example (rank 0 = itself).")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host).")
-    flags.DEFINE_string("coordinator_address", "", "host:port; CPU tests only (gloo).")
-    flags.DEFINE_integer("num_processes", 1, "With --coordinator_address.")
-    flags.DEFINE_integer("process_id", 0, "With --coordinator_address.")
+    distributed.define_flags()
     flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
     app.run(main)

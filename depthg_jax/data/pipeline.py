@@ -1,19 +1,8 @@
-"""Input pipeline: seeded, per-host sharded train and eval batches (grain, no TensorFlow).
+"""Input pipeline: seeded, per-host sharded train and eval batches (grain, no TensorFlow),
+and the prefetcher that puts them on the device mesh ahead of the step.
 
-Train stream. Global example positions g = 0, 1, 2, ... run over epochs of the split; epoch
-e visits the examples in the permutation `default_rng([seed, 0, e]).permutation(N)`, so the
-order is reshuffled every epoch and nothing is dropped at an epoch boundary (a batch may span
-two epochs). Global batch t holds positions t*G .. t*G+G-1; process p reads the contiguous
-slice p*b .. p*b+b-1 of it (b = G / process_count), so hosts never overlap and together read
-every position once. The positive of position g is KNN rank 1 + default_rng([seed, 1, g])
-.integers(num_neighbors) of its anchor: a pure function of (seed, g), which is what makes the
-stream resumable: the iterator's state is one batch counter.
-
-Eval. Global batch t holds split examples t*G .. t*G+G-1 in file order; positions past the
-end are padding (zero image and depth, label -1, valid=False). Every host yields
-ceil(N / G) batches.
-
-Transform: `depthg_jax.data.transforms.resize_center_crop` at R = train_res / eval_res.
+Which example each host reads at each position is `depthg_jax.data.streams`' business; this
+module turns streams into grain iterators with checkpointable state.
 """
 
 from __future__ import annotations
@@ -21,113 +10,36 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import grain
-import numpy as np
 
-from depthg_jax.data import datasets, knn
-from depthg_jax.data.transforms import resize_center_crop
+from depthg_jax import sharding
+from depthg_jax.data import datasets, knn, streams
 
 log = logging.getLogger(__name__)
 
 
-def make_source_from_config(data_cfg, split: str) -> datasets.ExampleSource:
-    """The example source named by data_cfg (name, root, n_classes) for a split."""
-    return datasets.make_source(data_cfg.name, data_cfg.root, split, data_cfg.n_classes)
-
-
-def eval_data_config(data_cfg):
-    """The data section evaluation reads: data.eval_name/eval_root where set, else the same."""
-    import ml_collections
-
-    out = ml_collections.ConfigDict(data_cfg.to_dict())
-    if data_cfg.get("eval_name", ""):
-        out.name = data_cfg.eval_name
-    if data_cfg.get("eval_root", ""):
-        out.root = data_cfg.eval_root
-    return out
-
-
-def resolve_knn_path(data_cfg) -> str:
-    """data.knn_path if set, else the table for (root, train split, train_res) of
-    data.knn_variant, or, with no variant set, the only such table in <root>/knn/."""
-    path = data_cfg.get("knn_path", "")
-    if path:
-        return path
-    return knn.find_knn_table(
-        data_cfg.root, data_cfg.train_split, data_cfg.train_res, data_cfg.get("knn_variant", "")
+def make_source(data_cfg, split: str, *, release_depth_cast: bool = False):
+    """The example source named by a data config (name, root, n_classes) for a split."""
+    return datasets.make_source(
+        data_cfg.name,
+        data_cfg.root,
+        split,
+        data_cfg.n_classes,
+        release_depth_cast=release_depth_cast,
     )
 
 
-def _check_process_args(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
-    return global_batch_size // process_count
-
-
-class TrainStream:
-    """Host-local, infinite, random-access stream of (anchor, positive) training examples."""
-
-    def __init__(
-        self,
-        source: datasets.ExampleSource,
-        neighbors: np.ndarray,
-        *,
-        res: int,
-        num_neighbors: int,
-        seed: int,
-        global_batch_size: int,
-        process_index: int,
-        process_count: int,
-    ):
-        self.local_batch = _check_process_args(global_batch_size, process_index, process_count)
-        if num_neighbors < 1 or neighbors.shape[1] <= num_neighbors:
-            raise ValueError(
-                f"num_neighbors {num_neighbors} needs a KNN table with more than that many "
-                f"columns (rank 0 is the image itself); the table has {neighbors.shape[1]}"
-            )
-        self.source = source
-        self.neighbors = neighbors
-        self.res = res
-        self.num_neighbors = num_neighbors
-        self.seed = seed
-        self.global_batch = global_batch_size
-        self.process_index = process_index
-        self._perms: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def global_position(self, i: int) -> int:
-        """Global stream position of this host's i-th element."""
-        t, j = divmod(i, self.local_batch)
-        return t * self.global_batch + self.process_index * self.local_batch + j
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.source))
-            self._perms = {epoch: perm, **{e: p for e, p in self._perms.items() if e > epoch - 2}}
-        return perm
-
-    def indices(self, g: int) -> tuple[int, int]:
-        """(anchor, positive) split indices of global position g."""
-        epoch, pos = divmod(g, len(self.source))
-        anchor = int(self._permutation(epoch)[pos])
-        rank = 1 + int(np.random.default_rng([self.seed, 1, g]).integers(self.num_neighbors))
-        return anchor, int(self.neighbors[anchor, rank])
-
-    def __getitem__(self, i: int) -> dict:
-        anchor, positive = self.indices(self.global_position(i))
-        a = resize_center_crop(self.source[anchor], self.res)
-        p = resize_center_crop(self.source[positive], self.res)
-        return {**a, **{k + "_pos": v for k, v in p.items()}}
+def knn_path(data_cfg) -> str:
+    """data.knn_path if set, else the table for (root, train split, train_res) of
+    data.knn_variant, or, with no variant set, the only such table in <root>/knn/."""
+    return data_cfg.get("knn_path", "") or knn.find_knn_table(
+        data_cfg.root, data_cfg.train_split, data_cfg.train_res, data_cfg.get("knn_variant", "")
+    )
 
 
 def _to_iterator(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
@@ -143,7 +55,13 @@ def _to_iterator(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
 
 
 def make_train_loader(
-    data_cfg, *, global_batch_size: int, seed: int, process_index: int, process_count: int
+    data_cfg,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    release_depth_cast: bool = False,
 ) -> grain.DatasetIterator:
     """Infinite iterator of host-local training batches (see module docstring).
 
@@ -151,9 +69,9 @@ def make_train_loader(
     three for the KNN positive with suffix "_pos"; b = global_batch_size // process_count.
     The iterator has get_state()/set_state() for checkpointing.
     """
-    source = make_source_from_config(data_cfg, data_cfg.train_split)
-    neighbors = knn.load_knn_table(resolve_knn_path(data_cfg), source.ids)
-    stream = TrainStream(
+    source = make_source(data_cfg, data_cfg.train_split, release_depth_cast=release_depth_cast)
+    neighbors = knn.load_knn_table(knn_path(data_cfg), source.ids)
+    stream = streams.TrainStream(
         source,
         neighbors,
         res=data_cfg.train_res,
@@ -165,34 +83,6 @@ def make_train_loader(
     )
     ds = grain.MapDataset.source(stream).batch(stream.local_batch, drop_remainder=True)
     return _to_iterator(ds, data_cfg)
-
-
-class EvalStream:
-    """Host-local eval examples of a fixed number of batches, padded with valid=False."""
-
-    def __init__(self, source, *, res, global_batch_size, process_index, process_count, batches):
-        self.local_batch = _check_process_args(global_batch_size, process_index, process_count)
-        self.source = source
-        self.res = res
-        self.global_batch = global_batch_size
-        self.process_index = process_index
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return self.batches * self.local_batch
-
-    def __getitem__(self, i: int) -> dict:
-        t, j = divmod(i, self.local_batch)
-        g = t * self.global_batch + self.process_index * self.local_batch + j
-        if g >= len(self.source):
-            r = self.res
-            return {
-                "image": np.zeros((r, r, 3), np.uint8),
-                "depth": np.zeros((r, r), np.float32),
-                "label": np.full((r, r), datasets.IGNORE, np.int32),
-                "valid": np.bool_(False),
-            }
-        return {**resize_center_crop(self.source[g], self.res), "valid": np.bool_(True)}
 
 
 class EvalLoader:
@@ -211,7 +101,7 @@ class EvalLoader:
         if max_batches > 0:
             batches = min(batches, max_batches)
         self.num_batches = batches
-        self.stream = EvalStream(
+        self.stream = streams.EvalStream(
             source,
             res=data_cfg.eval_res,
             global_batch_size=global_batch_size,
@@ -236,13 +126,14 @@ def make_eval_loader(
     process_index: int,
     process_count: int,
     max_batches: int = 0,
+    release_depth_cast: bool = False,
 ) -> EvalLoader:
     """Eval batches of data_cfg.eval_split at data_cfg.eval_res (see module docstring).
 
     Batches: image uint8 (b,E,E,3), depth float32 (b,E,E), label int32 (b,E,E), valid bool (b,).
     max_batches > 0 stops after that many batches (the same on every host).
     """
-    source = make_source_from_config(data_cfg, data_cfg.eval_split)
+    source = make_source(data_cfg, data_cfg.eval_split, release_depth_cast=release_depth_cast)
     return EvalLoader(
         data_cfg,
         source,
@@ -251,3 +142,47 @@ def make_eval_loader(
         process_count=process_count,
         max_batches=max_batches,
     )
+
+
+class Prefetcher:
+    """Moves host batches onto the mesh in a background thread, `size` batches ahead.
+
+    Each item carries the loader's state *after* that batch, so a checkpoint taken after
+    consuming it resumes with exactly the next batch, however far the thread has read ahead.
+    """
+
+    def __init__(self, loader: Any, mesh, size: int = 2):
+        self._loader = loader
+        self._mesh = mesh
+        self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = next(self._loader)
+                state = self._loader.get_state()
+                item = (sharding.host_to_global(batch, self._mesh), state)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced to the consumer, never swallowed
+            self._queue.put(e)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> tuple[dict, Any]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -22,7 +22,6 @@ bit-identical for a seed, whatever the counts. Generation is atomic and idempote
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -291,19 +290,23 @@ def generate_dataset(root: str, *, num_train: int, num_val: int, size: int = 224
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="Dataset root to write.")
-    parser.add_argument("--num_train", type=int, default=300)
-    parser.add_argument("--num_val", type=int, default=100)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    generate_dataset(
-        args.out, num_train=args.num_train, num_val=args.num_val, size=args.size, seed=args.seed
-    )
-    print(f"Synthetic set in {args.out}")
+def main(argv) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    generate_dataset(f.out, num_train=f.num_train, num_val=f.num_val, size=f.size, seed=f.seed)
+    print(f"Synthetic set in {f.out}")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app, flags
+
+    flags.DEFINE_string("out", None, "Dataset root to write.")
+    flags.DEFINE_integer("num_train", 300, "Training images.")
+    flags.DEFINE_integer("num_val", 100, "Validation images.")
+    flags.DEFINE_integer("size", 224, "Image side (px).")
+    flags.DEFINE_integer("seed", 0, "Generator seed.")
+    flags.mark_flags_as_required(["out"])
+    app.run(main)

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from depthg_jax.image_ops import l2_normalize
+
 # F.normalize's default eps.
 NORMALIZE_EPS = 1e-12
 
@@ -46,12 +48,6 @@ def channel_dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
         raise ValueError(f"channel_dropout expects (B, h, w, C), got shape {x.shape}")
     keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / max(||x||_2, 1e-12), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, NORMALIZE_EPS)
 
 
 class SegmentationHead(nn.Module):
@@ -93,7 +89,8 @@ class ClusterProbe(nn.Module):
         clusters = self.param(
             "clusters", nn.initializers.normal(stddev=1.0), (self.n_classes, code.shape[-1])
         )
-        return jnp.einsum("bhwk,nk->bhwn", l2_normalize(code), l2_normalize(clusters))
+        code = l2_normalize(code, eps=NORMALIZE_EPS)
+        return jnp.einsum("bhwk,nk->bhwn", code, l2_normalize(clusters, eps=NORMALIZE_EPS))
 
 
 def cluster_log_probs(inner: jax.Array, alpha: float = 2.0) -> jax.Array:

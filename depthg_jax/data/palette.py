@@ -1,12 +1,14 @@
 """Per-dataset class names and colour maps for reports and label pictures.
 
-A dataset's own (data/<name>.json, or the synthetic set's) where it has them for the number
-of classes asked, else generic names and a fixed deterministic palette.
+A dataset's own (the package asset <name>.json, or the synthetic set's) where it has them
+for the number of classes asked, else generic names and a fixed deterministic palette.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from depthg_jax.data import assets, synthetic
 
 IGNORE_COLOUR = (0, 0, 0)
 
@@ -38,25 +40,21 @@ def default_palette(n: int) -> np.ndarray:
 
 def dataset_colours(dataset: str) -> np.ndarray | None:
     """The dataset's own colour map (n, 3) uint8, or None if it has none."""
-    from depthg_jax.data import datasets, synthetic
-
     if dataset == "synthetic":
         return np.asarray(synthetic.SYNTHETIC_COLORS, np.uint8)
-    if not (datasets.ASSETS_DIR / f"{dataset}.json").is_file():
+    if not assets.has_asset(f"{dataset}.json"):
         return None
-    colours = datasets.load_dataset_info(dataset).get("colors")
+    colours = assets.dataset_info(dataset).get("colors")
     return None if colours is None else np.asarray(colours, np.uint8)
 
 
 def class_names(dataset: str, n: int) -> list[str]:
     """The dataset's class names if it defines exactly n, else class_0 .. class_{n-1}."""
-    from depthg_jax.data import datasets, synthetic
-
     names: list[str] | None = None
     if dataset == "synthetic":
         names = list(synthetic.SYNTHETIC_CLASSES)
-    elif (datasets.ASSETS_DIR / f"{dataset}.json").is_file():
-        names = list(datasets.load_dataset_info(dataset)["classes"])
+    elif assets.has_asset(f"{dataset}.json"):
+        names = list(assets.dataset_info(dataset)["classes"])
     if names is not None and len(names) == n:
         return names
     return [f"class_{i}" for i in range(n)]
