@@ -90,11 +90,28 @@ def _single_process_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
-def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
-    """Writes a self-contained inference checkpoint, atomically (temp dir, then rename)."""
+def save_export(
+    path: str,
+    config: ml_collections.ConfigDict,
+    params: dict,
+    extra_files: dict[str, dict] | None = None,
+) -> None:
+    """Writes a self-contained inference checkpoint, atomically (temp dir, then rename).
+
+    extra_files: optional {file name: JSON-serialisable dict} written next to the config
+    (e.g. an imported checkpoint's source.json) inside the temp dir, before the rename.
+    """
     missing = [k for k in EXPORT_PARAMS if k not in params]
     if missing:
         raise ValueError(f"export params miss {missing}; expected keys {list(EXPORT_PARAMS)}")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        reserved = (".", "..", _CONFIG_FILE, _PARAMS_DIR)
+        if not name or name in reserved or os.path.basename(name) != name:
+            raise ValueError(
+                f"extra export file {name!r} must be a plain file name other than "
+                f"{_CONFIG_FILE} and {_PARAMS_DIR}"
+            )
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"export target {path} exists; choose a new --out or remove it")
@@ -108,6 +125,10 @@ def save_export(path: str, config: ml_collections.ConfigDict, params: dict) -> N
             checkpointer.wait_until_finished()
         with open(os.path.join(tmp, _CONFIG_FILE), "w") as f:
             f.write(config.to_json(indent=2))
+        for name, content in extra_files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=1)
+                f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
