@@ -519,3 +519,9 @@ def test_export_extra_files_are_plain_names(depthg_export, tmp_path):
         with pytest.raises(ValueError, match="plain file name"):
             checkpoint.save_export(str(tmp_path / "e"), config, params, extra_files={name: {}})
     assert not (tmp_path / "e").exists()
+
+
+def test_a_wrong_variant_is_named_with_the_weights_shapes(depthg, tmp_path):
+    _, path = depthg
+    with pytest.raises(release.ReleaseError, match=r"do not match variant 'S/8'.*dim 32"):
+        release.import_checkpoint(path, tmp_path / "out", variant="S/8")

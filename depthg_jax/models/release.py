@@ -293,13 +293,13 @@ def convert_release(
     hparams = hyper_parameters(ckpt)
     backbone, parts, skipped = split_state_dict(ckpt["state_dict"])
     variant = choose_variant(backbone, hparams, variant)
-    k, n = check_shapes(parts, get_variant(variant).dim)
-    check_hparams(hparams, k, n)
-    dataset = choose_dataset(hparams, n, dataset)
-    try:
+    try:  # first: a wrong --variant is best explained by the backbone's own shapes
         backbone_params = convert_state_dict(backbone, variant)
     except ValueError as e:
         raise ReleaseError(f"backbone ({BACKBONE_PREFIX}*): {e}") from e
+    k, n = check_shapes(parts, get_variant(variant).dim)
+    check_hparams(hparams, k, n)
+    dataset = choose_dataset(hparams, n, dataset)
     params: dict[str, Any] = {
         "backbone": backbone_params,
         "head": {},
