@@ -131,6 +131,14 @@ def save_export(
     missing = [k for k in EXPORT_PARAMS if k not in params]
     if missing:
         raise ValueError(f"export params miss {missing}; expected keys {list(EXPORT_PARAMS)}")
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        reserved = (".", "..", _CONFIG_FILE, _PARAMS_DIR)
+        if not name or name in reserved or os.path.basename(name) != name:
+            raise ValueError(
+                f"extra export file {name!r} must be a plain file name other than "
+                f"{_CONFIG_FILE} and {_PARAMS_DIR}"
+            )
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"export target {path} exists; choose a new --out or remove it")

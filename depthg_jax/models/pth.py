@@ -6,6 +6,19 @@ little-endian file per storage under ``<root>/data/``. We unpickle with a restri
 unpickler that resolves only the globals needed to rebuild tensors and ordered dicts, each
 to our own numpy implementation, so a file can never run code: any other global (for
 example ``os.system`` in a malicious ``__reduce__``) raises :class:`UnsafePickleError`.
+
+A Lightning ``.ckpt`` is such a zip too, but its pickle holds more than tensors: the
+hyper-parameters as OmegaConf containers, Lightning's ``AttributeDict``, callback classes
+(the keys of ``callbacks`` in Lightning < 1.5) and the type references inside OmegaConf's
+metadata. ``load_pth(path, lightning=True)`` loads exactly the names in
+:data:`LIGHTNING_GLOBALS` as inert placeholders of ours (:class:`InertObject`,
+:class:`InertDict`, :class:`TypeReference`) that record the name and the pickled state:
+nothing is imported and no code of those classes runs. Every other name is still refused.
+:func:`to_plain` turns the placeholders back into plain dicts, lists and scalars.
+
+Legacy (pre-1.6, non-zip) torch pickles are refused with a clear error: torch.save has written
+zip archives by default since torch 1.6 (2020), and Lightning saves checkpoints with
+torch.save, so the STEGO (2022) and DepthG (2023, torch 2.0) releases are zip archives.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -82,24 +96,221 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# ----------------------------------------------------------------------------- Lightning
+
+
+class InertObject:
+    """Placeholder for an allow-listed class of a Lightning checkpoint; holds data only.
+
+    ``pickled_name`` is the class's dotted name; ``args`` what the pickle passed to its
+    constructor (NEWOBJ or REDUCE); ``state`` what it passed to ``__setstate__`` (BUILD).
+    """
+
+    pickled_name = ""
+
+    def __new__(cls, *args: Any) -> InertObject:
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.pickled_name}>"
+
+
+class InertDict(dict):
+    """Placeholder for an allow-listed dict subclass (Lightning's AttributeDict): its items."""
+
+    pickled_name = ""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class TypeReference:
+    """A type named in the pickle as data (OmegaConf metadata's ``typing.Any``, ``dict``...)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<type {self.name}>"
+
+
+def _plain_defaultdict(*_factory: Any) -> dict:
+    """collections.defaultdict(factory) in a pickle (OmegaConf's resolver cache): a plain dict."""
+    return {}
+
+
+_OMEGACONF_NODES = (
+    "AnyNode",
+    "StringNode",
+    "IntegerNode",
+    "FloatNode",
+    "BooleanNode",
+    "BytesNode",
+    "PathNode",
+)
+# Classes that load as InertObject subclasses.
+_INERT_CLASSES = (
+    ("omegaconf.dictconfig", "DictConfig"),
+    ("omegaconf.listconfig", "ListConfig"),
+    ("omegaconf.base", "ContainerMetadata"),
+    ("omegaconf.base", "Metadata"),
+    *(("omegaconf.nodes", node) for node in _OMEGACONF_NODES),
+    *(
+        (f"{package}.callbacks.{module}", cls)
+        for package in ("pytorch_lightning", "lightning.pytorch")
+        for module, cls in (
+            ("model_checkpoint", "ModelCheckpoint"),
+            ("early_stopping", "EarlyStopping"),
+        )
+    ),
+)
+# Dict subclasses that load as InertDict subclasses.
+_INERT_DICTS = (
+    ("pytorch_lightning.utilities.parsing", "AttributeDict"),
+    ("lightning_fabric.utilities.data", "AttributeDict"),
+    ("lightning.fabric.utilities.data", "AttributeDict"),
+)
+# Types that appear as values (protocol 2 spells builtins "__builtin__", int "long").
+_TYPE_NAMES = (
+    ("typing", "Any"),
+    *(
+        (module, name)
+        for module in ("builtins", "__builtin__")
+        for name in ("dict", "list", "tuple", "int", "long", "str", "unicode", "float", "bool")
+        + ("bytes", "object")
+    ),
+)
+
+
+def _make_lightning_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {("collections", "defaultdict"): _plain_defaultdict}
+    for module, name in _INERT_CLASSES:
+        table[(module, name)] = type(name, (InertObject,), {"pickled_name": f"{module}.{name}"})
+    for module, name in _INERT_DICTS:
+        table[(module, name)] = type(name, (InertDict,), {"pickled_name": f"{module}.{name}"})
+    for module, name in _TYPE_NAMES:
+        table[(module, name)] = TypeReference(f"{module}.{name}")
+    return table
+
+
+_LIGHTNING_TABLE = _make_lightning_globals()
+#: The names a Lightning checkpoint may pickle besides tensors, as "module.name".
+LIGHTNING_GLOBALS: tuple[str, ...] = tuple(sorted(f"{m}.{n}" for m, n in _LIGHTNING_TABLE))
+
+
+def _is_omegaconf(obj: Any, name: str) -> bool:
+    return isinstance(obj, InertObject) and obj.pickled_name == name
+
+
+_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
+
+
+def to_plain(obj: Any) -> Any:
+    """Placeholders -> plain Python: OmegaConf containers to dicts/lists of their values.
+
+    Arrays and scalars are returned as they are; an InertDict becomes a dict; any other
+    placeholder becomes ``{"__class__": name, "state": to_plain(state)}``. Whole-string
+    interpolations ``${a.b}`` are resolved against their root config (as OmegaConf does);
+    other interpolations stay strings.
+    """
+    return _to_plain(obj)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, InertObject):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        if obj.pickled_name.startswith("omegaconf.nodes."):
+            return _to_plain(state.get("_val"))
+        if _is_omegaconf(obj, "omegaconf.dictconfig.DictConfig"):
+            content = state.get("_content")
+            if not isinstance(content, dict):
+                return content  # None, "???" (missing) or an interpolation string
+            plain = {str(k): _to_plain(v) for k, v in content.items()}
+            if state.get("_parent") is None:  # a root config: interpolations refer to it
+                for _ in range(8):  # a few rounds resolve chains of interpolations
+                    if not _resolve(plain, plain):
+                        break
+            return plain
+        if _is_omegaconf(obj, "omegaconf.listconfig.ListConfig"):
+            content = state.get("_content")
+            if isinstance(content, list):
+                return [_to_plain(v) for v in content]
+            return content
+        return {"__class__": obj.pickled_name, "state": _to_plain(obj.state)}
+    if isinstance(obj, TypeReference):
+        return obj.name
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int)) else repr(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def _lookup(root: dict, dotted: str) -> Any:
+    node: Any = root
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _resolve(tree: Any, root: dict) -> bool:
+    """Replaces resolvable ``${a.b}`` strings in place; True if anything changed."""
+    changed = False
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in list(items):
+        if isinstance(value, str) and (match := _INTERPOLATION.match(value)):
+            try:
+                tree[key] = _lookup(root, match.group(1))
+                changed = True
+            except KeyError:
+                pass
+        elif isinstance(value, (dict, list)):
+            changed |= _resolve(value, root)
+    return changed
+
+
+# ----------------------------------------------------------------------------- unpickling
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals; storages come from the zip archive."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, byteorder: str):
+    def __init__(
+        self,
+        data: bytes,
+        archive: zipfile.ZipFile,
+        root: str,
+        byteorder: str,
+        lightning: bool = False,
+    ):
         super().__init__(io.BytesIO(data))
         self._archive = archive
         self._root = root
         self._byteorder = byteorder
+        self._lightning = lightning
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _SAFE_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load global {module}.{name}: only tensor data is allowed in "
-                "weight files"
-            ) from None
+        key = (module, name)
+        if key in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[key]
+        if self._lightning and key in _LIGHTNING_TABLE:
+            return _LIGHTNING_TABLE[key]
+        allowed = (
+            "tensor data and the OmegaConf/Lightning names of depthg_jax.models.pth."
+            "LIGHTNING_GLOBALS are allowed in checkpoints"
+            if self._lightning
+            else "only tensor data is allowed in weight files"
+        )
+        raise UnsafePickleError(f"refusing to load global {module}.{name}: {allowed}")
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -134,11 +345,13 @@ def _find_root(archive: zipfile.ZipFile, path: Path) -> str:
     return roots[0]
 
 
-def load_pth(path: str | Path) -> Any:
+def load_pth(path: str | Path, *, lightning: bool = False) -> Any:
     """Loads a torch.save zip file as nested Python containers of numpy arrays.
 
+    With ``lightning=True`` the names in LIGHTNING_GLOBALS (OmegaConf containers, Lightning's
+    AttributeDict and callback classes, type references) load as inert placeholders.
     Raises ValueError for files that are not zip archives written by torch (including
-    truncated ones), and UnsafePickleError if the pickle names any non-tensor global.
+    truncated ones), and UnsafePickleError if the pickle names any other global.
     """
     path = Path(path)
     try:
@@ -156,7 +369,7 @@ def load_pth(path: str | Path) -> Any:
             byteorder = "little"
         try:
             data = archive.read(f"{root}/data.pkl")
-            return _RestrictedUnpickler(data, archive, root, byteorder).load()
+            return _RestrictedUnpickler(data, archive, root, byteorder, lightning).load()
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{path}: {e}") from None
         except Exception as e:  # any other failure means a damaged file, never code run
