@@ -26,11 +26,11 @@ from depthg_jax import (
     distributed,
     evaluate,
     losses,
-    prepare,
     reports,
     sampling,
     schedules,
     seeds,
+    setup_data,
     sharding,
     summaries,
     xla,
@@ -433,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = model_lib.build_model(config.model, config.data.n_classes)
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
     backbone_params = model_lib.init_backbone(config.model, k_backbone)
-    prepare.prepare_data(config)
+    setup_data.prepare_data(config)
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 
