@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "directory"  # "cocostuff27", "cityscapes27", "potsdam3", "directory".
     config.data.root = ""  # Dataset root on local disk (see README for each layout).
+    # Prepared records (`python -m depthg_jax.data.prepare`, local or gs://): when set, train
+    # and eval read them instead of files under root, and the KNN table stored beside them.
+    config.data.data_dir = ""
     config.data.n_classes = 27  # Number of ground-truth classes (and clusters).
     # Evaluation data, when it differs from the training data (e.g. training on five-crops
     # written as a "directory" dataset, evaluating on the original split): "" = same as above.

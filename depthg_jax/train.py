@@ -73,8 +73,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         root = config.data[root_field] or config.data.root
         if name not in DATASETS:
             raise ValueError(f"config.data.{name_field}={name!r}; expected one of {DATASETS}")
-        if name == "synthetic":
-            continue
+        if name == "synthetic" or config.data.get("data_dir", ""):
+            continue  # Generated, or read from prepared records (data.data_dir).
         if not root:
             raise ValueError(
                 f"config.data.{root_field} is empty: set --config.data.{root_field}=DIR to the "

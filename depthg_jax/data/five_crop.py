@@ -27,6 +27,7 @@ from depthg_jax import files
 from depthg_jax.data import datasets
 
 NUM_CROPS = 5
+JPEG_OPTIONS = {"quality": 95}  # PIL save options of the JPEG crops (records use them too).
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
 
 
@@ -90,7 +91,7 @@ def write_five_crops(
                 label = np.where(ex["label"][window] < 0, 255, ex["label"][window])
                 files.save_image_atomic(paths["label"], label.astype(np.uint8))
             # The image last: its presence (with depth) marks the crop complete.
-            options = {"quality": 95} if pil_format == "JPEG" else {}
+            options = JPEG_OPTIONS if pil_format == "JPEG" else {}
             files.save_image_atomic(paths["image"], ex["image"][window], pil_format, **options)
         done += 1
     return done

@@ -32,8 +32,15 @@ from depthg_jax.data.transforms import resize_center_crop
 log = logging.getLogger(__name__)
 
 
-def make_source_from_config(data_cfg, split: str) -> datasets.ExampleSource:
-    """The example source named by data_cfg (name, root, n_classes) for a split."""
+def make_source_from_config(data_cfg, split: str, role: str = "train"):
+    """The example source named by data_cfg (name, root, n_classes) for a split; with
+    data.data_dir set, the prepared records of the role's builder config (records.py)."""
+    if data_cfg.get("data_dir", ""):
+        from depthg_jax.data import records
+
+        return records.make_source(
+            data_cfg.name, data_cfg.data_dir, split, data_cfg.n_classes, role=role
+        )
     return datasets.make_source(data_cfg.name, data_cfg.root, split, data_cfg.n_classes)
 
 
@@ -152,7 +159,12 @@ def make_train_loader(
     The iterator has get_state()/set_state() for checkpointing.
     """
     source = make_source_from_config(data_cfg, data_cfg.train_split)
-    neighbors = knn.load_knn_table(resolve_knn_path(data_cfg), source.ids)
+    if data_cfg.get("data_dir", ""):
+        from depthg_jax.data import records
+
+        neighbors = records.load_neighbors(data_cfg, source)
+    else:
+        neighbors = knn.load_knn_table(resolve_knn_path(data_cfg), source.ids)
     stream = TrainStream(
         source,
         neighbors,
@@ -242,7 +254,7 @@ def make_eval_loader(
     Batches: image uint8 (b,E,E,3), depth float32 (b,E,E), label int32 (b,E,E), valid bool (b,).
     max_batches > 0 stops after that many batches (the same on every host).
     """
-    source = make_source_from_config(data_cfg, data_cfg.eval_split)
+    source = make_source_from_config(data_cfg, data_cfg.eval_split, role="eval")
     return EvalLoader(
         data_cfg,
         source,
