@@ -19,8 +19,9 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 
 from configs import demo  # noqa: E402
-from depthg_jax import checkpoint, evaluate, inference  # noqa: E402
+from depthg_jax import checkpoint, evaluate  # noqa: E402
 from depthg_jax.data import synthetic  # noqa: E402
+from depthg_jax.models import model as model_lib  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         synthetic.generate_dataset(
             config.data.root, num_train=1, num_val=args.images, size=args.res, seed=0
         )
-        params = inference.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=6)
+        params = model_lib.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=6)
         export = os.path.join(tmp, "export")
         checkpoint.save_export(export, config, params)
         for use_crf in (False, True, False):  # the first run also compiles

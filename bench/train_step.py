@@ -126,7 +126,7 @@ class JaxStep:
         import jax.numpy as jnp
 
         from depthg_jax import sampling, xla
-        from depthg_jax.inference import normalize_images
+        from depthg_jax.image_ops import normalize_images
 
         jax, cfg, batch = self.jax, self.config, self.batch
         images = jnp.concatenate([batch["image"], batch["image_pos"]])

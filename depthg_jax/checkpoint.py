@@ -9,6 +9,7 @@ segmentation need nothing but the export directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ def make_manager(
         [
             checkpoint_managers.LatestN(n=keep),
             checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric],
+                get_metric_fn=lambda metrics: metrics.get(best_metric, -math.inf),
                 n=1,
                 keep_checkpoints_without_metrics=False,
             ),
@@ -45,6 +46,9 @@ def make_manager(
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1),
         preservation_policy=preservation,
+        # Orbax writes a step's metrics only when best_fn is set; the policy above decides.
+        best_fn=lambda metrics: metrics.get(best_metric, -math.inf),
+        best_mode="max",
         create=True,
     )
     return ocp.CheckpointManager(
@@ -65,7 +69,8 @@ def save_train_state(
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
     )
-    return manager.save(step, args=args, metrics=metrics, force=force)
+    # {} rather than None: Orbax warns on every save without metrics once best_fn is set.
+    return manager.save(step, args=args, metrics=metrics or {}, force=force)
 
 
 def restore_train_state(

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "directory"  # "cocostuff27", "cityscapes27", "potsdam3", "directory".
     config.data.root = ""  # Dataset root on local disk (see README for each layout).
+    # Prepared records (`python -m depthg_jax.data.prepare`, local or gs://): when set, train
+    # and eval read them instead of files under root, and the KNN table stored beside them.
+    config.data.data_dir = ""
     config.data.n_classes = 27  # Number of ground-truth classes (and clusters).
     # Evaluation data, when it differs from the training data (e.g. training on five-crops
     # written as a "directory" dataset, evaluating on the original split): "" = same as above.
@@ -157,7 +160,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | None = None):
             raise ValueError("the synthetic data set needs a workdir (or data.root) to live in")
         data.root = os.path.join(os.path.abspath(workdir), "synthetic_data")
     data.knn_variant = data.knn_variant or out.model.variant
-    if not data.knn_path and data.root:
+    if not data.knn_path and data.root and not data.data_dir:
         data.knn_path = knn.knn_table_path(
             data.root, data.train_split, data.knn_variant, data.train_res
         )
@@ -225,8 +228,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         name = config.data[name_field] or config.data.name
         root = config.data[root_field] or config.data.root
         _one_of(f"data.{name_field}", name, datasets.DATASET_NAMES)
-        if name == "synthetic":
-            continue
+        if name == "synthetic" or config.data.data_dir:
+            continue  # Generated, or read from prepared records (data.data_dir).
         if not root:
             raise ValueError(
                 f"config.data.{root_field} is empty: set --config.data.{root_field}=DIR to the "

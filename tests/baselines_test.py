@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import baselines, palette, summaries
+from depthg_jax import baselines, summaries
+from depthg_jax.data import palette
 
 
 def test_spherical_kmeans_recovers_separated_directions():

@@ -5,6 +5,7 @@ import pytest
 
 from configs import demo
 from depthg_jax import checkpoint
+from depthg_jax.models import model as model_lib
 
 
 def _state(value):
@@ -32,10 +33,9 @@ def test_no_checkpoint_restores_none(tmp_path):
 def test_export_round_trip_and_refusals(tmp_path):
     import jax
 
-    from depthg_jax import inference
 
     config = demo.get_config()
-    params = inference.init_params(
+    params = model_lib.init_params(
         jax.random.key(0),
         variant=config.model.variant,
         dim=config.model.dim,

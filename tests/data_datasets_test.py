@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from depthg_jax.data import datasets
+from depthg_jax.data import assets, datasets
 
 
 def save(path, array):
@@ -33,7 +33,7 @@ def unique_depth(i, h, w):
 
 
 def class_names(name):
-    return datasets.load_dataset_info(name)["classes"]
+    return assets.dataset_info(name)["classes"]
 
 
 # --- directory -------------------------------------------------------------------------------

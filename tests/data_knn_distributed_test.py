@@ -13,7 +13,7 @@ from depthg_jax.data import knn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = """
-from configs import base
+from depthg_jax import config as base
 
 
 def get_config():

@@ -57,7 +57,8 @@ def make_dataset(root, n, h=20, w=28):
 
 
 def test_build_knn_table_uses_the_train_crop_and_saves_a_loadable_table(tmp_path):
-    from depthg_jax.data.transforms import normalize_images, resize_center_crop
+    from depthg_jax.data.transforms import resize_center_crop
+    from depthg_jax.image_ops import normalize_images
 
     src = make_dataset(str(tmp_path), 11)
     pool = lambda images: images.reshape(len(images), -1)  # Every pixel a feature.
@@ -75,7 +76,8 @@ def test_sharded_backbone_features_match_a_plain_apply(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from depthg_jax.data.transforms import normalize_images, resize_center_crop
+    from depthg_jax.data.transforms import resize_center_crop
+    from depthg_jax.image_ops import normalize_images
     from depthg_jax.models.vit import DinoViT
 
     assert jax.device_count() == 8

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from depthg_jax import crf, evaluate, inference, metrics, sampling, sharding
+from depthg_jax import crf, evaluate, image_ops, metrics, sharding
+from depthg_jax.models import model as model_lib
 
 N_CLASSES = 6  # the synthetic set's, so the export test reuses the compiled step
 MODEL = ml_collections.ConfigDict({"variant": "mu/8", "dim": 32, "dtype": "float32"})
@@ -19,11 +20,11 @@ MODEL = ml_collections.ConfigDict({"variant": "mu/8", "dim": 32, "dtype": "float
 
 @pytest.fixture(scope="module")
 def params():
-    return inference.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=N_CLASSES)
+    return model_lib.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=N_CLASSES)
 
 
 def predict(params, images, flip):
-    return inference.predict(
+    return model_lib.predict(
         params, images, variant="mu/8", dim=32, n_classes=N_CLASSES, dtype="float32", flip=flip
     )
 
@@ -44,7 +45,7 @@ def make_batches(num_batches=2, batch=8, size=32, num_valid=13, seed=0):
 def test_normalize_images_matches_imagenet_statistics():
     images = np.array([[[[0, 128, 255]]]], np.uint8)
     want = (np.array([0, 128, 255]) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    np.testing.assert_allclose(inference.normalize_images(images)[0, 0, 0], want, rtol=1e-6)
+    np.testing.assert_allclose(image_ops.normalize_images(images)[0, 0, 0], want, rtol=1e-6)
 
 
 def test_upsample_matches_torch_bilinear():
@@ -162,9 +163,9 @@ def test_evaluate_loader_same_on_one_device(params):
 
 def test_check_params_names_the_mismatch(params):
     with pytest.raises(ValueError, match=r"cluster probe classes 6 \(expected 27\)"):
-        inference.check_params(params, variant="mu/8", dim=32, n_classes=27)
+        model_lib.check_params(params, variant="mu/8", dim=32, n_classes=27)
     with pytest.raises(ValueError, match=r"backbone width 32 \(expected 384\)"):
-        inference.check_params(params, variant="S/8", dim=32, n_classes=N_CLASSES)
+        model_lib.check_params(params, variant="S/8", dim=32, n_classes=N_CLASSES)
 
 
 @pytest.fixture(scope="module")

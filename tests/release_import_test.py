@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from depthg_jax import checkpoint, inference, segment
+from depthg_jax import checkpoint, segment
+from depthg_jax.models import model as model_lib
 from depthg_jax.models import pth, release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def random_images(n, h, w, seed):
 def assert_same_outputs(export_dir, model, images, flip):
     config, params = checkpoint.load_export(str(export_dir))
     m = config.model
-    ours = inference.predict(
+    ours = model_lib.predict(
         params, images, variant=m.variant, dim=m.dim, n_classes=config.data.n_classes,
         dtype=m.dtype, flip=flip,
     )  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthg_jax import sampling
+from depthg_jax import image_ops, sampling
 
 TOL = 1e-5
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthg_jax import inference, palette, segment
+from depthg_jax import segment
+from depthg_jax.data import palette
+from depthg_jax.models import model as model_lib
 
 N_CLASSES = 6
 
@@ -19,7 +21,7 @@ def make_export(path, params=None):
     config = demo.get_config()
     assert config.data.n_classes == N_CLASSES and config.model.variant == "mu/8"
     if params is None:
-        params = inference.init_params(
+        params = model_lib.init_params(
             jax.random.key(0), variant="mu/8", dim=config.model.dim, n_classes=N_CLASSES
         )
     checkpoint.save_export(str(path), config, params)
@@ -91,7 +93,7 @@ def test_segment_labels_follow_the_model_prediction(export_dir, images_dir, tmp_
         )
         == 0
     )
-    out = inference.predict(
+    out = model_lib.predict(
         config_params,
         np.stack([image] * 3),
         variant="mu/8",

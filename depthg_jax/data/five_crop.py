@@ -66,6 +66,7 @@ def encode_depth_crop(depth: np.ndarray) -> tuple[np.ndarray, bool]:
 
 # PIL's default JPEG quality, which the release's crops were written at (docs/release.md).
 RELEASE_JPEG_QUALITY = 75
+JPEG_OPTIONS = {"quality": RELEASE_JPEG_QUALITY}  # Of the default crops (the records' too).
 
 
 def write_five_crops(

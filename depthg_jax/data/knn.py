@@ -18,13 +18,15 @@ Make one (all local devices; with --distributed, all processes of a multi-host j
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
-from depthg_jax import files
 from depthg_jax.data import datasets, streams
 from depthg_jax.image_ops import l2_normalize, normalize_images
 
@@ -34,25 +36,26 @@ KNN_COMMAND = "python -m depthg_jax.data.knn --config=<your config> --config.mod
 
 
 def knn_table_path(root: str, split: str, variant: str, res: int) -> str:
-    """Where the KNN table of (dataset root, split, backbone variant, crop size) lives."""
+    """Where the KNN table of (dataset root or records dir, split, backbone, crop size) lives."""
     safe_variant = variant.replace("/", "-")
-    return os.path.join(root, "knn", f"nns_{safe_variant}_{split}_{res}.npz")
+    return os.path.join(str(root), "knn", f"nns_{safe_variant}_{split}_{res}.npz")
 
 
-def find_knn_table(root: str, split: str, res: int, variant: str = "") -> str:
+def find_knn_table(root: str, split: str, res: int, variant: str = "", command=KNN_COMMAND) -> str:
     """The table for (root, split, res): of the given variant, or else the only one there.
 
     With no variant, exactly one ``nns_*_<split>_<res>.npz`` must exist; several are an error
     naming them (set data.knn_variant), none an error naming the command that makes one.
+    Paths may be local or anything etils.epath reads (gs://).
     """
     if variant:
         return knn_table_path(root, split, variant, res)
-    folder = os.path.join(root, "knn")
+    folder = epath.Path(root) / "knn"
     suffix = f"_{split}_{res}.npz"
     found = sorted(
-        f
-        for f in (os.listdir(folder) if os.path.isdir(folder) else [])
-        if f.startswith("nns_") and f.endswith(suffix)
+        p.name
+        for p in (folder.iterdir() if folder.exists() else [])
+        if p.name.startswith("nns_") and p.name.endswith(suffix)
     )
     if len(found) > 1:
         raise ValueError(
@@ -61,10 +64,9 @@ def find_knn_table(root: str, split: str, res: int, variant: str = "") -> str:
         )
     if not found:
         raise FileNotFoundError(
-            f"No KNN table {os.path.join(folder, 'nns_<variant>' + suffix)}. "
-            f"Make it with: {KNN_COMMAND}"
+            f"No KNN table {folder / ('nns_<variant>' + suffix)}. Make it with: {command}"
         )
-    return os.path.join(folder, found[0])
+    return str(folder / found[0])
 
 
 def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.ndarray:
@@ -97,22 +99,33 @@ def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.
 
 
 def save_knn_table(path: str, indices: np.ndarray, ids: Sequence[str]) -> None:
-    """Writes a KNN table atomically (temporary file, then rename)."""
-    table = {"indices": np.asarray(indices, np.int32), "ids": np.asarray(list(ids))}
-    files.write_atomic(path, lambda f: np.savez(f, **table))
+    """Writes a KNN table atomically (temporary name beside it, then rename; local or gs://)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, indices=np.asarray(indices, np.int32), ids=np.asarray(list(ids)))
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.rename(path)
 
 
-def load_knn_table(path: str, ids: Sequence[str] | None = None) -> np.ndarray:
+def load_knn_table(path: str, ids: Sequence[str] | None = None, command=KNN_COMMAND) -> np.ndarray:
     """Loads a KNN table's (N,k) indices; checks its ids against the split's when given."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No KNN table at {path}. Make it with: {KNN_COMMAND}")
-    with np.load(path) as z:
-        indices = np.asarray(z["indices"])
-        table_ids = [str(i) for i in z["ids"]]
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No KNN table at {path}. Make it with: {command}")
+    try:
+        with np.load(io.BytesIO(path.read_bytes())) as z:
+            indices = np.asarray(z["indices"])
+            table_ids = [str(i) for i in z["ids"]]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"KNN table {path} is unreadable ({e}); make it again with: {command}"
+        ) from e
     if ids is not None and list(ids) != table_ids:
         raise ValueError(
             f"KNN table {path} was made for another list of {len(table_ids)} examples than "
-            f"this split's {len(ids)}; remake it with: {KNN_COMMAND}"
+            f"this split's {len(ids)}; remake it with: {command}"
         )
     if indices.ndim != 2 or indices.shape[0] != len(table_ids):
         raise ValueError(f"KNN table {path} has indices of shape {indices.shape}")
@@ -255,11 +268,21 @@ def default_table_path(data_cfg, variant: str) -> str:
     )
 
 
-def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30, progress=False) -> str:
+def make_knn_table(
+    config,
+    *,
+    per_device_batch: int = 8,
+    k: int = 30,
+    progress: bool = False,
+    source=None,
+    path: str | None = None,
+) -> str:
     """Computes and writes the KNN table of config.data's train split; returns its path.
 
     The backbone is config.model.weights (a random one, seeded as the trainer seeds it, only
-    if config.model.allow_random_backbone) of data.knn_variant, else model.variant.
+    if config.model.allow_random_backbone) of data.knn_variant, else model.variant. `source`
+    and `path` default to the loose-file split and its standard table (prepared records pass
+    theirs).
     """
     import jax
 
@@ -268,14 +291,11 @@ def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30, progress=F
 
     data_cfg = config.data
     variant = data_cfg.get("knn_variant", "") or config.model.variant
-    path = default_table_path(data_cfg, variant)
-    source = datasets.make_source(
-        data_cfg.name,
-        data_cfg.root,
-        data_cfg.train_split,
-        data_cfg.n_classes,
-        release_depth_cast=False,  # KNN reads images only
-    )
+    path = path or default_table_path(data_cfg, variant)
+    if source is None:
+        source = datasets.make_source(
+            data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.n_classes
+        )
     if variant != config.model.variant:
         log.warning(
             "KNN table from a %s backbone (model.variant is %s)", variant, config.model.variant

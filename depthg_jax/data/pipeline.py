@@ -23,8 +23,20 @@ from depthg_jax.data import datasets, knn, streams
 log = logging.getLogger(__name__)
 
 
-def make_source(data_cfg, split: str, *, release_depth_cast: bool = False):
-    """The example source named by a data config (name, root, n_classes) for a split."""
+def make_source(data_cfg, split: str, *, release_depth_cast: bool = False, role: str = "train"):
+    """The example source named by a data config (name, root, n_classes) for a split; with
+    data.data_dir set, the prepared records of the role's builder config (records.py)."""
+    if data_cfg.get("data_dir", ""):
+        if release_depth_cast:
+            raise ValueError(
+                "prepared records do not yet apply the release's Potsdam depth cast: train "
+                "potsdam3 under objective='reference' from loose files (data.root)"
+            )
+        from depthg_jax.data import records  # TFDS is only imported for prepared records.
+
+        return records.make_source(
+            data_cfg.name, data_cfg.data_dir, split, data_cfg.n_classes, role=role
+        )
     return datasets.make_source(
         data_cfg.name,
         data_cfg.root,
@@ -70,7 +82,12 @@ def make_train_loader(
     The iterator has get_state()/set_state() for checkpointing.
     """
     source = make_source(data_cfg, data_cfg.train_split, release_depth_cast=release_depth_cast)
-    neighbors = knn.load_knn_table(knn_path(data_cfg), source.ids)
+    if data_cfg.get("data_dir", ""):
+        from depthg_jax.data import records
+
+        neighbors = records.load_neighbors(data_cfg, source)
+    else:
+        neighbors = knn.load_knn_table(knn_path(data_cfg), source.ids)
     stream = streams.TrainStream(
         source,
         neighbors,
@@ -133,7 +150,9 @@ def make_eval_loader(
     Batches: image uint8 (b,E,E,3), depth float32 (b,E,E), label int32 (b,E,E), valid bool (b,).
     max_batches > 0 stops after that many batches (the same on every host).
     """
-    source = make_source(data_cfg, data_cfg.eval_split, release_depth_cast=release_depth_cast)
+    source = make_source(
+        data_cfg, data_cfg.eval_split, release_depth_cast=release_depth_cast, role="eval"
+    )
     return EvalLoader(
         data_cfg,
         source,
