@@ -236,7 +236,12 @@ def compute_losses(
     perms = sampling.negative_permutations(keys[6], cl.neg_samples, n)
 
     depth_weight, depth_shift = schedules.depth_schedule(
-        step, cl.depth_weight, cl.depth_shift, cl.depth_decay_every, cl.depth_decay_rate
+        step,
+        cl.depth_weight,
+        cl.depth_shift,
+        cl.depth_decay_every,
+        cl.depth_decay_rate,
+        mode=config.objective,
     )
     terms = losses.loss_terms(
         feats_d,
@@ -338,7 +343,7 @@ def samples_at(config: ml_collections.ConfigDict, step: int) -> int:
         config.loss.feature_samples,
         config.loss.samples_decay_every,
         config.loss.samples_decay_rate,
-        config.objective,
+        mode=config.objective,
     )
 
 
