@@ -19,10 +19,15 @@ This restates, in our own code, what one optimiser step of the authors' release
   to SxS, normalised along its one channel);
 - cluster probe (hard assignment) and linear probe (bilinear upsampling, cross-entropy over
   valid pixels) on the detached code;
-- one backward, then three Adam steps (head 5e-4, each probe 5e-3).
+- one backward, then three Adam steps (head 5e-4, each probe 5e-3);
+- the released decay block, run after each batch's loss with Lightning's global_step = 3·b
+  (three optimiser steps per batch) and the release's own intervals N: depth weight and
+  shift × rate when `global_step % N == 0 and global_step > 0`; the sample count
+  S <- int(S·rate), floored at fps_min_samples, when `global_step % N == 0` (batch 0 too).
 
-Host-side schedule bookkeeping (depth-weight and sample-count decay) is omitted: it is scalar
-arithmetic between steps. Nothing in `depthg_jax` imports this file.
+Negatives (the permutations) may be given to `step` from outside and the dropout rate to
+the constructor, so that a run can be replayed exactly next to ours (tests/trajectory_test.py);
+`load_jax_params` copies our flax parameters in. Nothing in `depthg_jax` imports this file.
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (embed dim, heads, patch) of the DINO variants; depth 12, MLP ratio 4 for all.
-VARIANTS = {"S/8": (384, 6, 8), "S/16": (384, 6, 16), "B/8": (768, 12, 8), "B/16": (768, 12, 16)}
+# (embed dim, heads, patch, blocks) of the DINO variants (MLP ratio 4 for all), plus the
+# one-block test variant "mu/8" of depthg_jax.models.vit.
+VARIANTS = {
+    "S/8": (384, 6, 8, 12),
+    "S/16": (384, 6, 16, 12),
+    "B/8": (768, 12, 8, 12),
+    "B/16": (768, 12, 16, 12),
+    "mu/8": (32, 2, 8, 1),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -99,11 +111,11 @@ class Block(nn.Module):
 class DinoViT(nn.Module):
     """Returns last-block tokens after the final LayerNorm, CLS dropped, as (B, C, h, w)."""
 
-    def __init__(self, variant: str = "S/8", depth: int = 12, pretrain_res: int = 224):
+    def __init__(self, variant: str = "S/8", pretrain_res: int = 224):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r}; expected one of {sorted(VARIANTS)}")
-        dim, heads, patch = VARIANTS[variant]
+        dim, heads, patch, depth = VARIANTS[variant]
         self.patch_embed = PatchEmbed(patch, dim)
         grid = pretrain_res // patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -218,7 +230,7 @@ def fps_coords(feats: torch.Tensor, depth: torch.Tensor, num_side: int) -> torch
     out = []
     for i in range(pooled.shape[0]):
         cloud = lift_depth(pooled[i, 0]).permute(1, 2, 0).reshape(-1, 3)
-        picked = farthest_points_numpy(np.array(cloud.cpu()), num_side**2)
+        picked = farthest_points_numpy(cloud.cpu().numpy(), num_side**2)
         mask = torch.zeros(h * w)
         mask[picked] = 1.0
         rc = mask.reshape(h, w).nonzero().float()  # row-major: FPS order is lost
@@ -251,7 +263,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def correlation_term(f1, f2, c1, c2, shift: float, pointwise: bool = True) -> torch.Tensor:
+def correlation_term(f1, f2, c1, c2, shift: float, pointwise: bool) -> torch.Tensor:
     with torch.no_grad():
         fd = corr(unit(f1), unit(f2))
         if pointwise:
@@ -270,9 +282,21 @@ def depth_term(code_s: torch.Tensor, depth: torch.Tensor, shift: float) -> torch
     return (-cd.clamp(0.0) * (dd - shift)).mean()
 
 
-# Released COCO-Stuff ViT-S/8 weights and shifts (SPEC §7).
+# Released COCO-Stuff ViT-S/8 weights and shifts (SPEC §7) and its decays, the intervals in
+# the release's units (global_step = 3 x batch): depth every 750 (250 batches) x0.6, FPS
+# sample count every 3000 (1000 batches) x0.9, floored at fps_min_samples 0 (0: no decay).
 LOSS = dict(
-    intra=(0.58, 0.07), inter=(0.36, 0.025), neg=(0.70, 0.761), depth=(0.19, 0.03), neg_samples=5
+    intra=(0.58, 0.07),
+    inter=(0.36, 0.025),
+    neg=(0.70, 0.761),
+    depth=(0.19, 0.03),
+    neg_samples=5,
+    pointwise=True,
+    decay_every_steps=750,
+    depth_loss_decay_factor=0.6,
+    fps_sample_decay_every_steps=3000,
+    fps_sample_decay_factor=0.9,
+    fps_min_samples=0,
 )
 
 
@@ -280,10 +304,23 @@ class TorchReferenceStep:
     """Holds the model and optimisers; `step(batch)` runs one released training step."""
 
     def __init__(
-        self, variant: str = "S/8", dim: int = 70, n_classes: int = 27, num_side: int = 11
+        self,
+        variant: str = "S/8",
+        dim: int = 70,
+        n_classes: int = 27,
+        num_side: int = 11,
+        loss: dict | None = None,
+        dropout: float = 0.1,
     ):
         torch.manual_seed(0)
-        self.net = Featurizer(variant, dim)
+        self.loss = {**LOSS, **(loss or {})}
+        unknown = set(self.loss) - set(LOSS)
+        if unknown:
+            raise ValueError(f"unknown loss settings {sorted(unknown)}; known: {sorted(LOSS)}")
+        # Mutable schedule state, as the release keeps it in its cfg.
+        self.depth_weight, self.depth_shift = self.loss["depth"]
+        self.global_step = 0  # Lightning's count: 3 per batch (three optimisers)
+        self.net = Featurizer(variant, dim, dropout)
         self.cluster_probe = ClusterProbe(dim, n_classes)
         self.linear_probe = nn.Conv2d(dim, n_classes, 1)
         self.n_classes = n_classes
@@ -313,8 +350,83 @@ class TorchReferenceStep:
             "label": torch.from_numpy(np.asarray(batch["label"], np.int64)),
         }
 
-    def step(self, batch: dict) -> float:
-        """One optimiser step on a host batch; returns the total loss."""
+    def load_jax_params(self, backbone: dict, params: dict) -> None:
+        """Copies our flax parameters in: `backbone` (DinoViT params), `params` (the train
+        state's {"head", "cluster_probe", "linear_probe"}). Resets the optimisers."""
+
+        def t(x):
+            return torch.from_numpy(np.array(x, np.float32))
+
+        def linear(module: nn.Module, tree: dict) -> None:
+            kernel = t(tree["kernel"]).T  # (in, out) -> (out, in)
+            shape = module.weight.shape
+            module.weight.data.copy_(kernel.reshape(shape))
+            module.bias.data.copy_(t(tree["bias"]))
+
+        def norm(module: nn.LayerNorm, tree: dict) -> None:
+            module.weight.data.copy_(t(tree["scale"]))
+            module.bias.data.copy_(t(tree["bias"]))
+
+        vit = self.net.model
+        vit.cls_token.data.copy_(t(backbone["cls_token"]))
+        vit.pos_embed.data.copy_(t(backbone["pos_embed"]))
+        proj = backbone["patch_embed"]["proj"]
+        vit.patch_embed.proj.weight.data.copy_(t(proj["kernel"]).permute(3, 2, 0, 1))
+        vit.patch_embed.proj.bias.data.copy_(t(proj["bias"]))
+        for i, block in enumerate(vit.blocks):
+            tree = backbone[f"blocks_{i}"]
+            norm(block.norm1, tree["norm1"])
+            norm(block.norm2, tree["norm2"])
+            linear(block.attn.qkv, tree["attn"]["qkv"])
+            linear(block.attn.proj, tree["attn"]["proj"])
+            linear(block.mlp.fc1, tree["mlp"]["fc1"])
+            linear(block.mlp.fc2, tree["mlp"]["fc2"])
+        norm(vit.norm, backbone["norm"])
+        head = params["head"]
+        linear(self.net.cluster1[0], head["linear"])
+        linear(self.net.cluster2[0], head["nonlinear_1"])
+        linear(self.net.cluster2[2], head["nonlinear_2"])
+        self.cluster_probe.clusters.data.copy_(t(params["cluster_probe"]["clusters"]))
+        linear(self.linear_probe, params["linear_probe"]["linear"])
+        for opt in self.optims:
+            opt.state.clear()
+
+    def head_params(self) -> dict:
+        """The trainable parameters in our flax layout (numpy), for comparison."""
+
+        def dense(module: nn.Module) -> dict:
+            w = module.weight.detach().numpy()
+            return {"kernel": w.reshape(w.shape[0], -1).T, "bias": module.bias.detach().numpy()}
+
+        return {
+            "head": {
+                "linear": dense(self.net.cluster1[0]),
+                "nonlinear_1": dense(self.net.cluster2[0]),
+                "nonlinear_2": dense(self.net.cluster2[2]),
+            },
+            "cluster_probe": {"clusters": self.cluster_probe.clusters.detach().numpy()},
+            "linear_probe": {"linear": dense(self.linear_probe)},
+        }
+
+    def decay(self) -> None:
+        """The released decay block, run after each batch's loss (global_step = 3·b)."""
+        c, step = self.loss, self.global_step
+        if c["decay_every_steps"] and step % c["decay_every_steps"] == 0 and step > 0:
+            self.depth_weight = self.depth_weight * c["depth_loss_decay_factor"]
+            self.depth_shift = self.depth_shift * c["depth_loss_decay_factor"]
+        if c["fps_sample_decay_every_steps"] and step % c["fps_sample_decay_every_steps"] == 0:
+            self.num_side = int(self.num_side * c["fps_sample_decay_factor"])
+            if self.num_side < c["fps_min_samples"]:
+                self.num_side = c["fps_min_samples"]
+
+    def step(self, batch: dict, perms: np.ndarray | None = None) -> float:
+        """One released training step on a host batch; returns the total loss.
+
+        perms: (neg_samples, B) negatives (image perms[i, b] is anchor b's i-th negative);
+        None draws them with the release's `super_perm` from torch's generator. The step
+        uses the current S and depth weight/shift, then runs the decay block for later
+        batches.
+        """
         t = self.to_tensors(batch)
         for opt in self.optims:
             opt.zero_grad()
@@ -325,21 +437,31 @@ class TorchReferenceStep:
         coords2 = fps_coords(feats_pos, t["depth_pos"], self.num_side)
         f1, c1 = sample(feats, coords1), sample(code, coords1)
         f2, c2 = sample(feats_pos, coords2), sample(code_pos, coords2)
-        intra = correlation_term(f1, f1, c1, c1, LOSS["intra"][1])
-        inter = correlation_term(f1, f2, c1, c2, LOSS["inter"][1])
-        depth = depth_term(c1, t["depth"], LOSS["depth"][1])
+        c, pw = self.loss, self.loss["pointwise"]
+        intra = correlation_term(f1, f1, c1, c1, c["intra"][1], pw)
+        inter = correlation_term(f1, f2, c1, c2, c["inter"][1], pw)
+        depth = depth_term(c1, t["depth"], self.depth_shift)
+        if perms is not None and np.shape(perms) != (c["neg_samples"], feats.shape[0]):
+            raise ValueError(
+                f"perms must be (neg_samples={c['neg_samples']}, B={feats.shape[0]}), "
+                f"got {np.shape(perms)}"
+            )
         negs = []
-        for _ in range(LOSS["neg_samples"]):
-            perm = no_self_perm(feats.shape[0])
+        for i in range(c["neg_samples"]):
+            if perms is None:
+                perm = no_self_perm(feats.shape[0])
+            else:
+                perm = torch.from_numpy(np.asarray(perms[i], np.int64))
             fn, cn = sample(feats[perm], coords2), sample(code[perm], coords2)
-            negs.append(correlation_term(f1, fn, c1, cn, LOSS["neg"][1]))
+            negs.append(correlation_term(f1, fn, c1, cn, c["neg"][1], pw))
         neg = torch.stack(negs).mean()
         loss = (
-            LOSS["inter"][0] * inter
-            + LOSS["intra"][0] * intra
-            + LOSS["neg"][0] * neg
-            + LOSS["depth"][0] * depth
+            c["inter"][0] * inter
+            + c["intra"][0] * intra
+            + c["neg"][0] * neg
+            + self.depth_weight * depth
         )
+        self.decay()  # released order: after the correlation losses, before the probes
 
         label = t["label"]
         detached = code.detach().clone()
@@ -355,4 +477,5 @@ class TorchReferenceStep:
         loss.backward()
         for opt in self.optims:
             opt.step()
+            self.global_step += 1  # Lightning counts every optimiser step
         return float(loss.detach())

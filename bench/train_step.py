@@ -169,6 +169,8 @@ class TorchStep:
             dim=config.model.dim,
             n_classes=config.data.n_classes,
             num_side=self.num_side,
+            # Timing compares one fixed step: no schedule may change S between steps.
+            loss=dict(decay_every_steps=0, fps_sample_decay_every_steps=0),
         )
         self.host_batch = host_batch
 

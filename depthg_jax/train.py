@@ -137,7 +137,12 @@ def depth_schedule_at(step: jax.Array, config: ml_collections.ConfigDict):
     """(λ_d, b_d) for the batch at `step` (docs/release.md#schedules)."""
     cl = config.loss
     return schedules.depth_schedule(
-        step, cl.depth_weight, cl.depth_shift, cl.depth_decay_every, cl.depth_decay_rate
+        step,
+        cl.depth_weight,
+        cl.depth_shift,
+        cl.depth_decay_every,
+        cl.depth_decay_rate,
+        mode=config.objective,
     )
 
 
@@ -361,7 +366,7 @@ def samples_at(config: ml_collections.ConfigDict, step: int) -> int:
         config.loss.feature_samples,
         config.loss.samples_decay_every,
         config.loss.samples_decay_rate,
-        config.objective,
+        mode=config.objective,
     )
 
 

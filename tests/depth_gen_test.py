@@ -423,3 +423,112 @@ def test_output_inside_images_is_refused(tiny_model_dir, tmp_path, capsys):
     assert hash_tree(images) == before
     # Nothing was loaded or written for the refused runs; the model was never needed.
     assert not any(tmp_path.rglob("*_zoedepth.png"))
+
+
+# --- ZoeDepth with flip test-time augmentation (the release's depth maps) ----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_zoedepth_dir(tmp_path_factory) -> Path:
+    """A random-weight ZoeDepth (4-layer width-32 BEiT, 8 bins) with ZoeDepth's processor,
+    saved with save_pretrained and loaded by path: no download."""
+    path = tmp_path_factory.mktemp("tiny_zoedepth")
+    backbone = transformers.BeitConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        out_indices=[1, 2, 3, 4],
+        use_relative_position_bias=True,
+        reshape_hidden_states=False,
+    )
+    config = transformers.ZoeDepthConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        bottleneck_features=16,
+        num_relative_features=8,
+        bin_embedding_dim=8,
+        num_attractors=[4, 2, 2, 1],
+        bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0}],
+        # At the default 0.02 a model this small predicts a constant; 0.2 gives varied maps.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    transformers.ZoeDepthForDepthEstimation(config).save_pretrained(path)
+    # The PIL-backed class where transformers has one (the other needs torchvision).
+    processor_cls = getattr(transformers, "ZoeDepthImageProcessorPil", None)
+    processor_cls = processor_cls or transformers.ZoeDepthImageProcessor
+    # As Intel/zoedepth-nyu's, at a tiny size: reflect padding, aspect kept, multiple of 32.
+    processor_cls(
+        size={"height": 64, "width": 64}, keep_aspect_ratio=True, ensure_multiple_of=32
+    ).save_pretrained(path)
+    return path
+
+
+def zoedepth_restated(model_dir: Path, image_path: Path, flip_tta: bool) -> np.ndarray:
+    """ZoeDepth's map at the image's size, restated with transformers, one image:
+    model(x) (and model(flip(x)) flipped back, averaged), resized bicubically to the padded
+    size, the int(sqrt(side / 2) * 3) reflection padding cropped off."""
+    model = transformers.ZoeDepthForDepthEstimation.from_pretrained(model_dir).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    h, w = image.shape[:2]
+    x = processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        pred = model(pixel_values=x).predicted_depth
+        if flip_tta:
+            pred_flipped = model(pixel_values=torch.flip(x, dims=[3])).predicted_depth
+            pred = 0.5 * (pred + torch.flip(pred_flipped, dims=[2]))
+    ph, pw = int(np.sqrt(h / 2) * 3), int(np.sqrt(w / 2) * 3)
+    full = torch.nn.functional.interpolate(
+        pred[:, None], size=(h + 2 * ph, w + 2 * pw), mode="bicubic", align_corners=False
+    )
+    return full[0, 0, ph : ph + h, pw : pw + w].numpy()
+
+
+def released_png8(depth: np.ndarray) -> np.ndarray:
+    """The release's encoding: (d - min) / (max - min), then (· 255).astype(uint8)."""
+    return ((depth - depth.min()) / (depth.max() - depth.min()) * 255).astype(np.uint8)
+
+
+def test_zoedepth_padding_by_hand():
+    assert depth_cmd.zoedepth_padding(40, 70) == (13, 17)  # sqrt(20)·3 = 13.4, sqrt(35)·3 = 17.7
+    assert depth_cmd.zoedepth_padding(480, 640) == (46, 53)  # 46.5, 53.7
+
+
+def test_zoedepth_flip_tta_equals_transformers_restated(tiny_zoedepth_dir, tmp_path, capsys):
+    rels = write_directory_dataset(tmp_path)[:3]
+    for extra in write_directory_dataset(tmp_path)[3:]:
+        (tmp_path / "images" / extra).unlink()
+    images = tmp_path / "images"
+    model = f"--model={tiny_zoedepth_dir}"
+    rc, err = run_main(
+        [f"--images={images}", f"--out={tmp_path / 'tta'}", model, "--flip_tta"], capsys
+    )
+    assert rc == 0, err
+    rc, err = run_main([f"--images={images}", f"--out={tmp_path / 'plain'}", model], capsys)
+    assert rc == 0, err
+    for rel in rels:
+        out_rel = depth_io.map_output_path(rel)
+        tta = np.asarray(Image.open(tmp_path / "tta" / out_rel)).astype(int)
+        plain = np.asarray(Image.open(tmp_path / "plain" / out_rel)).astype(int)
+        want_tta = released_png8(zoedepth_restated(tiny_zoedepth_dir, images / rel, True))
+        want_plain = released_png8(zoedepth_restated(tiny_zoedepth_dir, images / rel, False))
+        assert tta.shape == want_tta.shape == np.asarray(Image.open(images / rel)).shape[:2]
+        assert tta.min() == 0 and tta.max() == 255
+        # ZoeDepth predicts depth: the nearest point is 0 as released, no inversion.
+        # One image per forward on both sides (all sizes differ): the same arithmetic.
+        np.testing.assert_array_equal(tta, want_tta, err_msg=str(rel))
+        np.testing.assert_array_equal(plain, want_plain, err_msg=str(rel))
+        # The augmentation changes the map (the random model is not mirror-symmetric).
+        assert np.abs(want_tta.astype(int) - want_plain.astype(int)).max() > 8, rel
+
+
+def test_flip_average_checks_shapes():
+    a = torch.arange(6.0).reshape(1, 2, 3)
+    np.testing.assert_array_equal(depth_cmd.flip_average(a, a), [[[1, 1, 1], [4, 4, 4]]])
+    with pytest.raises(ValueError, match=r"\(1, 2, 3\).*\(1, 3, 2\)"):
+        depth_cmd.flip_average(a, a.reshape(1, 3, 2))

@@ -7,7 +7,16 @@ Install the optional extra once (transformers + torch; the rest of depthg-jax do
     pip install -e '.[depth]'
 
 Then, for each dataset, point `--images` at its image folder and `--out` at the depth folder
-the dataset reads. Sub-folders of `--images` are mirrored under `--out`:
+the dataset reads. Sub-folders of `--images` are mirrored under `--out`.
+
+To reproduce the paper, generate the depth maps as the release did: ZoeDepth NYU (ZoeD_N)
+with its input padding and flip test-time augmentation, min-max normalised per image to 8 bit:
+
+    python -m depthg_jax.data.depth --images=COCO/images --out=COCO/depth \
+        --model=Intel/zoedepth-nyu --flip_tta
+
+Without those two flags the command runs Depth Anything V2 Small, much faster, as the
+alternative (its maps differ from the released ones):
 
     # `directory` layout: <root>/images/<split>/<id>.png -> <root>/depth/<split>/<id>_zoedepth.png
     python -m depthg_jax.data.depth --images=ROOT/images --out=ROOT/depth
@@ -20,8 +29,11 @@ the dataset reads. Sub-folders of `--images` are mirrored under `--out`:
 
 Flags: `--model` a Hugging Face hub name (needs network the first time, then cached) or a
 local directory written by `save_pretrained` / `hf download NAME --local-dir DIR`; default
-Depth Anything V2 Small. Any transformers depth-estimation model works (Depth Anything,
-DPT/MiDaS, ZoeDepth, GLPN, Depth Pro). `--batch-size` images per forward pass (default 8).
+Depth Anything V2 Small; `Intel/zoedepth-nyu` for the release's maps. Any transformers
+depth-estimation model works (Depth Anything, DPT/MiDaS, ZoeDepth, GLPN, Depth Pro).
+`--flip_tta` also runs each image mirrored left-right and averages the prediction with the
+mirrored-back prediction of the mirrored image (ZoeDepth's `infer(with_flip_aug=True)`).
+`--batch-size` images per forward pass (default 8).
 `--format` png8 (default, what DepthG trains on), png16 or npy. `--device` auto (GPU if
 present), cpu or cuda. `--nearest-is` overrides which end of the model's output is near.
 
@@ -30,7 +42,12 @@ floor(x·255), 0 = nearest; png16 `<id>_zoedepth_16.png`, the same ×65535; npy 
 float32, larger = farther, not normalised. Depth Anything (relative) and DPT/MiDaS predict
 inverse depth (large = near) and are flipped; ZoeDepth, GLPN, Depth Pro and Depth Anything
 metric predict depth (large = far) and are kept. Each map has its image's size: one forward
-pass per image at the model's resolution, no gradients, then bicubic resize.
+pass per image at the model's resolution (two with --flip_tta), no gradients, then bicubic
+resize. ZoeDepth's processor pads each image by reflection, int(sqrt(H/2)·3) rows and
+int(sqrt(W/2)·3) columns on each side, before resizing; the prediction is resized bicubically
+to the padded size and the padding cropped off (as transformers'
+`ZoeDepthImageProcessor.post_process_depth_estimation` does, which needs torchvision; ours
+needs only torch), then min-max normalised as above.
 
 Safety: files are written atomically (temporary file + rename) and only under `--out`;
 `--out` inside `--images` is refused. Existing outputs are skipped, so rerunning after an
@@ -44,7 +61,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import inspect
 import os
 import socket
 import sys
@@ -61,6 +77,10 @@ from depthg_jax.data import depth_io
 from depthg_jax.data.depth_io import NearestIs
 
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+# What the release generated its depth maps with (ZoeD_N), to use with flip_tta=True.
+RELEASE_MODEL = "Intel/zoedepth-nyu"
+# ZoeDepth's reflection padding: int(sqrt(side / 2) * 3) pixels on each side of each axis.
+ZOEDEPTH_PAD_FACTOR = 3
 EXTRA_HINT = "pip install -e '.[depth]'  (installs requirements-depth.txt: transformers, torch)"
 # Model types whose output is depth (large = far) or inverse depth (large = near).
 _DEPTH_TYPES = {"zoedepth", "glpn", "depth_pro"}
@@ -207,10 +227,6 @@ def load_depth_model(
                 f"could not load depth model {name_or_path!r} (unknown hub name, or not a "
                 f"depth-estimation model?): {e2}; check the name or {how}"
             ) from e2
-    if model.config.model_type == "zoedepth" and not hasattr(
-        processor, "post_process_depth_estimation"
-    ):  # Its padding must be cropped off by the processor's own post-processing.
-        raise DepthGenError(f"ZoeDepth needs a newer transformers ({transformers.__version__})")
     dev = resolve_device(torch, device)
     model.to(dev).eval()
     return DepthModel(model, processor, nearest_is or infer_nearest_is(model.config), dev)
@@ -264,9 +280,58 @@ def _prepare(item: _Item, images_dir: Path, processor: Any) -> _Item:
     return item
 
 
+def zoedepth_padding(height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) ZoeDepth's processor pads on each side of an height x width image."""
+    return (
+        int(np.sqrt(height / 2) * ZOEDEPTH_PAD_FACTOR),
+        int(np.sqrt(width / 2) * ZOEDEPTH_PAD_FACTOR),
+    )
+
+
+def remove_zoedepth_padding(predicted: Any, sizes: Sequence[tuple[int, int]], padded: bool = True):
+    """ZoeDepth predictions (B, h, w) -> one (H, W) torch map per source size (H, W).
+
+    Each map is resized (bicubic, align_corners False, no antialiasing) to the padded input
+    size (H + 2·pad_h, W + 2·pad_w) and the padding cropped off; `padded=False` (a processor
+    with do_pad off) resizes straight to (H, W).
+    """
+    import torch
+
+    if len(predicted) != len(sizes):
+        raise ValueError(f"{len(predicted)} predictions for {len(sizes)} source sizes")
+    maps = []
+    for depth, (h, w) in zip(predicted, sizes, strict=True):
+        ph, pw = zoedepth_padding(h, w) if padded else (0, 0)
+        full = torch.nn.functional.interpolate(
+            depth[None, None].float(),
+            size=(h + 2 * ph, w + 2 * pw),
+            mode="bicubic",
+            align_corners=False,
+        )[0, 0]
+        maps.append(full[ph : ph + h, pw : pw + w])
+    return maps
+
+
+def flip_average(predicted: Any, predicted_flipped: Any) -> Any:
+    """Flip test-time augmentation: mean of the prediction and the mirrored-back prediction of
+    the mirrored input, both (B, h, w)."""
+    import torch
+
+    if predicted.shape != predicted_flipped.shape:
+        raise ValueError(
+            f"prediction {tuple(predicted.shape)} and flipped prediction "
+            f"{tuple(predicted_flipped.shape)} differ in shape"
+        )
+    return (predicted + torch.flip(predicted_flipped, dims=[-1])) / 2
+
+
 def _post_process(dm: DepthModel, predicted: Any, items: Sequence[_Item]) -> list[np.ndarray]:
     """Model output → one (H, W) float32 map per item, at the input image's size."""
     sizes = [tuple(int(s) for s in it.size) for it in items]
+    if dm.model.config.model_type == "zoedepth":
+        padded = bool(getattr(dm.processor, "do_pad", True))
+        maps = remove_zoedepth_padding(predicted.predicted_depth, sizes, padded)
+        return [m.cpu().numpy().reshape(s) for m, s in zip(maps, sizes, strict=True)]
     post = getattr(dm.processor, "post_process_depth_estimation", None)
     if post is None:  # Older processors: resize ourselves, bicubic like the pipelines.
         import torch
@@ -276,20 +341,29 @@ def _post_process(dm: DepthModel, predicted: Any, items: Sequence[_Item]) -> lis
             for p, s in zip(predicted.predicted_depth, sizes, strict=True)
         ]
     else:
-        kwargs: dict[str, Any] = {"target_sizes": sizes}
-        if "source_sizes" in inspect.signature(post).parameters:
-            kwargs["source_sizes"] = sizes  # ZoeDepth: removes its reflection padding.
-        maps = [r["predicted_depth"] for r in post(predicted, **kwargs)]
+        maps = [r["predicted_depth"] for r in post(predicted, target_sizes=sizes)]
     return [m.float().cpu().numpy().reshape(s) for m, s in zip(maps, sizes, strict=True)]
 
 
-def predict_depth(dm: DepthModel, items: Sequence[_Item]) -> list[np.ndarray]:
-    """One no-grad forward for items whose preprocessed tensors share a shape."""
+def predict_depth(
+    dm: DepthModel, items: Sequence[_Item], flip_tta: bool = False
+) -> list[np.ndarray]:
+    """One no-grad forward for items whose preprocessed tensors share a shape.
+
+    flip_tta: a second forward on the inputs mirrored left-right; the raw predictions are
+    averaged with `flip_average` before post-processing (for ZoeDepth that is transformers'
+    `outputs_flipped` and the released `infer(with_flip_aug=True)`).
+    """
     import torch
+    from transformers.modeling_outputs import DepthEstimatorOutput
 
     batch = torch.cat([it.pixel_values for it in items]).to(dm.device)
     with torch.inference_mode():
         out = dm.model(pixel_values=batch)
+        if flip_tta:
+            flipped = dm.model(pixel_values=torch.flip(batch, dims=[-1]))
+            averaged = flip_average(out.predicted_depth, flipped.predicted_depth)
+            out = DepthEstimatorOutput(predicted_depth=averaged)
     return _post_process(dm, out, items)
 
 
@@ -319,6 +393,7 @@ def generate_depth(
     batch_size: int = 8,
     device: str = "auto",
     nearest_is: NearestIs | None = None,
+    flip_tta: bool = False,
     progress: bool = True,
     on_image_done: Callable[[Path, Path], None] | None = None,
 ) -> Summary:
@@ -326,7 +401,8 @@ def generate_depth(
 
     `model` is a hub name, a local path or an already loaded DepthModel (loaded only if
     there is work to do). Images whose preprocessed tensors share a shape are batched, up to
-    `batch_size`, in one forward pass. `on_image_done(rel, out_path)` runs after each write.
+    `batch_size`, in one forward pass (with `flip_tta` also once mirrored, see
+    `predict_depth`). `on_image_done(rel, out_path)` runs after each write.
     Raises DepthGenError for bad locations, formats or models; per-image failures are
     collected in the returned Summary instead.
     """
@@ -353,7 +429,7 @@ def generate_depth(
 
     def finish(items: list[_Item]) -> None:
         try:
-            maps = predict_depth(dm, items)
+            maps = predict_depth(dm, items, flip_tta)
         except Exception as e:
             if len(items) > 1:  # Isolate the image that breaks the batch.
                 for item in items:
@@ -434,6 +510,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("small", "large"),
         help="override: which end of the model's raw output is near (default: from the model)",
     )
+    parser.add_argument(
+        "--flip_tta",
+        "--flip-tta",
+        dest="flip_tta",
+        action="store_true",
+        help="average with the mirrored-back prediction of the mirrored image (the release: "
+        f"--model={RELEASE_MODEL} --flip_tta)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -450,6 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             device=args.device,
             nearest_is=args.nearest_is,
+            flip_tta=args.flip_tta,
             progress=not args.no_progress,
         )
     except DepthGenError as e:
