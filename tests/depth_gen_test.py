@@ -18,6 +18,7 @@ from PIL import Image
 
 from depthg_jax.data import depth as depth_cmd
 from depthg_jax.data import depth_io
+from depthg_jax.data import images as images_lib
 
 try:  # The optional 'depth' extra; these tests need it and fail (not skip) without it.
     import torch
@@ -184,7 +185,7 @@ def test_discover_images_mirrors_layouts(tmp_path):
     for f in files + ignored:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / f).write_bytes(b"")
-    assert depth_io.discover_images(tmp_path) == sorted(Path(f) for f in files)
+    assert images_lib.find_images(tmp_path) == sorted(Path(f) for f in files)
     collisions = depth_io.find_output_collisions([Path("a/x.jpg"), Path("a/x.png")], "png8")
     assert collisions == {Path("a/x_zoedepth.png"): [Path("a/x.jpg"), Path("a/x.png")]}
 
@@ -209,7 +210,7 @@ def test_read_potsdam_mat(tmp_path):
 
     rgbi = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
     savemat(tmp_path / "p.mat", {"img": rgbi})
-    img = depth_io.read_image(tmp_path / "p.mat")
+    img = images_lib.read_image(tmp_path / "p.mat")
     assert img.shape == (6, 5, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img, (rgbi[..., :3] * 255).astype(np.uint8))
 

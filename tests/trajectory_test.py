@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
-from depthg_jax import sampling, sharding, train
+from depthg_jax import config as base
+from depthg_jax import sampling, seeds, sharding, train
+from depthg_jax.models import model as model_lib
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 NUM_BATCHES = 14
@@ -41,9 +42,9 @@ def run_ours(config, batches):
     as the step does).
     """
     mesh = sharding.make_mesh(jax.devices()[:1])
-    models = train.build_models(config)
-    k_backbone, k_state, k_step = train.run_keys(config)
-    backbone = train.init_backbone(config, models, k_backbone)
+    models = model_lib.build_model(config.model, config.data.n_classes)
+    k_backbone, k_state, k_step = seeds.run_keys(config.seed)
+    backbone = model_lib.init_backbone(config.model, k_backbone)
     state = train.create_train_state(config, models, k_state)
     initial = jax.device_get(state.params)
     backbone_dev = sharding.replicate(backbone, mesh)

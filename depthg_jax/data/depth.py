@@ -74,6 +74,7 @@ import numpy as np
 from tqdm import tqdm
 
 from depthg_jax.data import depth_io
+from depthg_jax.data import images as images_lib
 from depthg_jax.data.depth_io import NearestIs
 
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -247,7 +248,7 @@ def check_locations(images_dir: Path, out_dir: Path) -> None:
 
 def plan_outputs(images_dir: Path, out_dir: Path, fmt: str) -> tuple[list[_Item], int]:
     """Lists the images still to do (output missing) and counts those already done."""
-    rels = depth_io.discover_images(images_dir)
+    rels = images_lib.find_images(images_dir)
     collisions = depth_io.find_output_collisions(rels, fmt)
     if collisions:
         out, ins = next(iter(collisions.items()))
@@ -272,7 +273,7 @@ def plan_outputs(images_dir: Path, out_dir: Path, fmt: str) -> tuple[list[_Item]
 def _prepare(item: _Item, images_dir: Path, processor: Any) -> _Item:
     """Reads and preprocesses one image (runs in a worker thread); errors are recorded."""
     try:
-        image = depth_io.read_image(images_dir / item.rel)
+        image = images_lib.read_image(images_dir / item.rel)
         item.size = image.shape[:2]
         item.pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
     except Exception as e:  # Any unreadable file is reported, the run goes on.

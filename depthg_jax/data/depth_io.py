@@ -19,35 +19,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from depthg_jax.data.images import DEPTH_SUFFIXES
 from depthg_jax.files import write_atomic
 
 NearestIs = Literal["small", "large"]
-FORMATS = ("png8", "png16", "npy")
-OUTPUT_SUFFIXES = {"png8": "_zoedepth.png", "png16": "_zoedepth_16.png", "npy": "_depth.npy"}
-# Potsdam ships its tiles as MATLAB files (key "img"); everything else is a Pillow image.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".mat")
-# Depth PNGs never count as inputs, so a depth folder is never mistaken for images.
-_DEPTH_PNG_SUFFIXES = (OUTPUT_SUFFIXES["png8"], OUTPUT_SUFFIXES["png16"])
-
-
-def discover_images(images_dir: str | os.PathLike) -> list[Path]:
-    """Returns every image under `images_dir` as a path relative to it, sorted.
-
-    Walks sub-folders (not symlinked ones); skips hidden files and folders, and depth maps
-    (`*_zoedepth.png`, `*_zoedepth_16.png`).
-    """
-    root = Path(images_dir)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            path = Path(name)
-            if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if name.lower().endswith(_DEPTH_PNG_SUFFIXES):
-                continue
-            found.append((Path(dirpath) / name).relative_to(root))
-    return sorted(found)
+FORMATS = tuple(DEPTH_SUFFIXES)
 
 
 def map_output_path(rel: str | os.PathLike, fmt: str = "png8") -> Path:
@@ -55,10 +31,10 @@ def map_output_path(rel: str | os.PathLike, fmt: str = "png8") -> Path:
 
     `train/a/x.jpg` → `train/a/x_zoedepth.png` (png8), `x_zoedepth_16.png` (png16), `x_depth.npy`.
     """
-    if fmt not in OUTPUT_SUFFIXES:
+    if fmt not in DEPTH_SUFFIXES:
         raise ValueError(f"unknown depth format {fmt!r}; expected one of {FORMATS}")
     rel = Path(rel)
-    return rel.parent / (rel.stem + OUTPUT_SUFFIXES[fmt])
+    return rel.parent / (rel.stem + DEPTH_SUFFIXES[fmt])
 
 
 def find_output_collisions(rels: Iterable[Path], fmt: str) -> dict[Path, list[Path]]:
@@ -142,33 +118,3 @@ def save_depth(path: str | os.PathLike, encoded: np.ndarray) -> None:
         write_atomic(path, lambda f: Image.fromarray(encoded).save(f, format="PNG"))
     else:
         raise ValueError(f"cannot save depth of dtype {encoded.dtype} to {path}")
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Reads an image as uint8 RGB (H, W, 3), fully decoded, with no EXIF rotation.
-
-    No EXIF transpose, because the datasets read raw pixel arrays and depth must align with
-    them. `.mat` files (Potsdam) hold an (H, W, C) array under "img"; the first 3 channels are
-    used; floats in [0, 1] are scaled by 255 and truncated, as torchvision's to_pil_image does
-    (which DepthG's Potsdam converter used). Raises OSError/ValueError naming the file on failure.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".mat":
-        return _read_mat_image(path)
-    with Image.open(path) as img:
-        img.load()  # Decode now: a truncated file fails here, not later.
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _read_mat_image(path: Path) -> np.ndarray:
-    from scipy.io import loadmat  # Only Potsdam needs it.
-
-    try:
-        arr = np.asarray(loadmat(path)["img"])
-    except KeyError as e:
-        raise ValueError(f"{path}: .mat file has no 'img' array") from e
-    if arr.ndim != 3 or arr.shape[2] < 3:
-        raise ValueError(f"{path}: expected an (H, W, >=3) 'img' array, got shape {arr.shape}")
-    from depthg_jax.data.datasets import potsdam_to_uint8
-
-    return potsdam_to_uint8(arr[..., :3])

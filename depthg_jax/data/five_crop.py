@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from depthg_jax import files
-from depthg_jax.data import datasets
+from depthg_jax.data import datasets, images
 
 NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
@@ -42,8 +42,8 @@ def five_crop_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
 
 def _crop_paths(out: str, split: str, crop_id: str, image_ext: str, labels: bool, depth16: bool):
     paths = {"image": os.path.join(out, "images", split, crop_id + image_ext)}
-    suffix = "_zoedepth_16.png" if depth16 else "_zoedepth.png"
-    paths["depth"] = os.path.join(out, "depth", split, crop_id + suffix)
+    depth_stem = os.path.join(out, "depth", split, crop_id)
+    paths["depth"] = images.depth_path(depth_stem, "png16" if depth16 else "png8")
     if labels:
         paths["label"] = os.path.join(out, "labels", split, crop_id + ".png")
     return paths
