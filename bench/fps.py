@@ -1,10 +1,10 @@
-"""Batched on-device farthest point sampling vs fpsample and the NumPy loop (SPEC §6).
+"""Batched on-device farthest point sampling vs fpsample and the NumPy loop (docs/method.md).
 
 For B depth maps at a feature grid size, times, side by side in one run:
   jax      `farthest_point_sample_batch` over the whole batch (one call), compiled as the
            product compiles it (`depthg_jax.xla.jit`),
   fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
-  numpy    the plain NumPy loop of SPEC §6 per map (what the release runs on the host),
+  numpy    the plain NumPy loop of docs/method.md per map (what the release runs on the host),
 and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case,
 and the loop's per-iteration floor (16-point clouds, where the data costs almost nothing).
 All three must return identical indices (checked). Rounds interleave the three; medians of
@@ -30,7 +30,7 @@ from depthg_jax import sampling, xla
 
 
 def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """SPEC §6 as a plain loop: running min squared distance, first index on ties."""
+    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
     nearest = np.full(len(points), np.inf, points.dtype)
     taken = np.zeros(len(points), bool)
     order = [start]

@@ -282,7 +282,7 @@ def depth_term(code_s: torch.Tensor, depth: torch.Tensor, shift: float) -> torch
     return (-cd.clamp(0.0) * (dd - shift)).mean()
 
 
-# Released COCO-Stuff ViT-S/8 weights and shifts (SPEC §7) and its decays, the intervals in
+# Released COCO-Stuff ViT-S/8 weights and shifts (docs/settings.md) and its decays, the intervals in
 # the release's units (global_step = 3 x batch): depth every 750 (250 batches) x0.6, FPS
 # sample count every 3000 (1000 batches) x0.9, floored at fps_min_samples 0 (0: no decay).
 LOSS = dict(

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing of the final evaluation protocol (SPEC §9), on the host.
+"""Dense CRF post-processing of the final evaluation protocol (docs/evaluation.md), on the host.
 
 Fully connected CRF (Krähenbühl & Koltun) via pydensecrf2, with STEGO's released settings:
 10 mean-field iterations, a Gaussian kernel (sxy 1, weight 3) and a bilateral kernel (sxy 67,

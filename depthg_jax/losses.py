@@ -2,7 +2,7 @@
 
 Pure JAX, NHWC, no hidden randomness: sample coordinates and negative permutations are
 arguments (see `depthg_jax.sampling`). Each public function mirrors a function of the
-released PyTorch code (SPEC.md §3-§5) so parity can be checked term by term. The terms are
+released PyTorch code (docs/method.md) so parity can be checked term by term. The terms are
 unweighted; the trainer applies the λ weights.
 """
 
@@ -27,18 +27,18 @@ class LossParams:
 
     Shifts are pytree leaves (they may be traced, e.g. the decaying depth shift, without
     retracing); the other fields are static and part of the jit cache key. Defaults are the
-    COCO-Stuff ViT-S/8 row of SPEC §7.
+    COCO-Stuff ViT-S/8 row of docs/settings.md.
 
     Attributes:
       intra_shift: b of the anchor-anchor term.
       inter_shift: b of the anchor-positive term.
       neg_shift: b of the anchor-negative term.
       depth_shift: b_d of the depth-feature term.
-      pointwise: centre feature correlations over the second map's points (SPEC §4).
+      pointwise: centre feature correlations over the second map's points (docs/method.md).
       zero_clamp: clamp code correlations at 0 (False: at -9999, as released).
       stabilize: also clamp code correlations at 0.8 from above (released `stabalize`).
       depth_mode: "reference" (D from normalised resized depth, ≡ 1 for positive depth) or
-        "corrected" (3D proximity of the sampled points, SPEC §5).
+        "corrected" (3D proximity of the sampled points, docs/method.md).
       fov: field of view for lifting (radians in reference mode, degrees in corrected).
       far: depth scale of the lifted Z coordinate.
       depth_positive: corrected mode only: average the anchor's depth term with the
@@ -109,7 +109,7 @@ def correlation_term(
     """The released `helper` with `loss.mean()`: mean(−clamp(corr(c1,c2)) · (F − shift)).
 
     F = corr(n(f1), n(f2)) under stop_gradient; if pointwise, F is centred over the second
-    map's points and the global mean added back (SPEC §4).
+    map's points and the global mean added back (docs/method.md).
 
     Args:
       f1, f2: sampled features (B, S, S, C).
@@ -149,7 +149,7 @@ def _corrected_depth_correlation(
     fov: float,
     far: float,
 ) -> jax.Array:
-    """D = 1 − ‖p − p'‖ / max‖p − p'‖ of the sampled points lifted to 3D (SPEC §5)."""
+    """D = 1 − ‖p − p'‖ / max‖p − p'‖ of the sampled points lifted to 3D (docs/method.md)."""
     h, w = sampling._pair(feature_hw)
     pooled = image_ops.average_pool(depth, (h, w))
     d = sampling.sample(pooled[..., None], coords)[..., 0]  # (B, S, S)
@@ -179,7 +179,7 @@ def depth_feature_term(
     zero_clamp: bool = True,
     stabilize: bool = False,
 ) -> jax.Array:
-    """The depth-feature correlation term: mean(−clamp(corr(c, c)) · (D − shift)) (SPEC §5).
+    """The depth-feature correlation term: mean(−clamp(corr(c, c)) · (D − shift)) (docs/method.md).
 
     "reference": the released `depth_feature_correlation(code, code, depth, depth,
     shift)[0].mean()`: D is the outer product of the depth resized to S×S (bilinear,

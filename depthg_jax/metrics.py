@@ -1,4 +1,4 @@
-"""Segmentation metrics: confusion counts on device, matching and scores on the host (SPEC §9).
+"""Segmentation metrics: confusion counts on device, matching and scores on the host.
 
 `confusion` is jittable and sharding-agnostic: under `jit` with the batch split over a mesh the
 compiler reduces the per-device counts, so the totals are those of the whole batch.

@@ -56,7 +56,7 @@ def sample(x: jax.Array, coords: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
-# Depth lifting and farthest point sampling (SPEC §6)
+# Depth lifting and farthest point sampling (docs/method.md)
 # --------------------------------------------------------------------------------------
 
 
@@ -86,7 +86,7 @@ def lift_points(
 def lift_depth(
     depth: jax.Array, fov: float = 90.0, far: float = 5.0, mode: str = "reference"
 ) -> jax.Array:
-    """Lift a depth map (H, W) to points (H*W, 3), row-major (SPEC §6).
+    """Lift a depth map (H, W) to points (H*W, 3), row-major (docs/method.md).
 
     X = 2tan(fov/2)·d·(col − W/2)/W, Y = 2tan(fov/2)·d·(row − H/2)/H, Z = −far·d.
     "reference" passes fov to tan as radians (the released behaviour); "corrected" as degrees.
@@ -177,7 +177,7 @@ def farthest_point_sample_batch(
 
 
 def _coords_from_indices(idx: jax.Array, h: int, w: int, num_side: int, mode: str, dtype):
-    """FPS indices (S²,) of an (h, w) grid -> sample coords (S, S, 2), SPEC §6."""
+    """FPS indices (S²,) of an (h, w) grid -> sample coords (S, S, 2), docs/method.md."""
     if mode == "reference":
         # Released: mark the selected cells, read them back in row-major order (FPS order
         # lost), (row/h, col/w)·2−1 used as (x, y): axes swapped, shrunk by (n−1)/n.
@@ -204,7 +204,7 @@ def depth_fps_coords(
     fov: float = 90.0,
     far: float = 5.0,
 ) -> jax.Array:
-    """Depth-guided sample coordinates (B, S, S, 2) by farthest point sampling (SPEC §6).
+    """Depth-guided sample coordinates (B, S, S, 2) by farthest point sampling (docs/method.md).
 
     Depth (B, H, W) is average-pooled to the feature grid `feature_hw`, lifted to 3D and
     S² = num_side² points are chosen by FPS from cell 0, per image (all images in one loop).
@@ -244,7 +244,7 @@ def check_depth(depth: np.ndarray | jax.Array, name: str = "depth") -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Random coordinates and negatives (SPEC §4)
+# Random coordinates and negatives (docs/method.md)
 # --------------------------------------------------------------------------------------
 
 

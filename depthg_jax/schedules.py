@@ -1,4 +1,4 @@
-"""Training schedules of the DepthG objective as pure functions of the batch index (SPEC §7).
+"""Training schedules of the DepthG objective as pure functions (docs/release.md).
 
 `step` is the 0-based batch index b. Both schedules are configured in BATCHES. The release
 configured them in its own units, Lightning's global_step, which is 3·b at batch b (three

@@ -1,4 +1,4 @@
-"""depthg_jax.losses against NumPy statements of SPEC §3-§5 and PyTorch's own functions."""
+"""depthg_jax.losses against NumPy statements of docs/method.md and PyTorch's own functions."""
 
 import math
 
@@ -21,7 +21,7 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 
 def torch_sample(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """SPEC §4 sampling: grid_sample of the transposed grid, bilinear, border, corners."""
+    """docs/method.md sampling: grid_sample of the transposed grid, bilinear, border, corners."""
     grid = torch.from_numpy(np.array(coords)).permute(0, 2, 1, 3)
     out = F.grid_sample(nchw(x), grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.permute(0, 2, 3, 1).numpy()
@@ -42,7 +42,7 @@ def np_clamp(s, zero_clamp=True, stabilize=False):
 
 
 def np_term(f1, f2, c1, c2, b, pointwise, zero_clamp=True, stabilize=False):
-    """SPEC §4 for one pair: mean(−clamp(corr(c1,c2))·(F − b))."""
+    """docs/method.md for one pair: mean(−clamp(corr(c1,c2))·(F − b))."""
     fd = np_corr(f1, f2)
     if pointwise:
         fd = fd - fd.mean(axis=(3, 4), keepdims=True) + fd.mean()
@@ -50,7 +50,7 @@ def np_term(f1, f2, c1, c2, b, pointwise, zero_clamp=True, stabilize=False):
 
 
 def np_corrected_depth(code, depth, coords, hw, b, fov=90.0, far=5.0):
-    """SPEC §5 corrected: depth read at the code's coords, lifted (degrees), 3D proximity."""
+    """docs/method.md corrected: depth read at the code's coords, lifted (degrees), 3D proximity."""
     h, w = hw
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(depth)[:, None], hw)[:, 0].numpy()
     d = torch_sample(pooled[..., None], coords)[..., 0].astype(np.float64)
@@ -119,7 +119,7 @@ def test_reference_depth_term_matches_release_statement():
     x = random_inputs(3)
     code = torch_sample(x["code"], x["coords1"])
     depth = x["depth"].copy()
-    # Positive depth: D ≡ 1 (SPEC §5).
+    # Positive depth: D ≡ 1 (docs/method.md).
     got = losses.depth_feature_term(jnp.asarray(code), jnp.asarray(depth), 0.03, "reference")
     want = np.mean(-np_clamp(np_corr(code, code)) * (1.0 - 0.03))
     assert float(got) == pytest.approx(want, abs=TOL)

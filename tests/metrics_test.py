@@ -1,4 +1,4 @@
-"""Metrics against an independent NumPy statement of SPEC §9 (brute-force matching), by-hand
+"""Metrics against an independent NumPy statement (brute-force matching), by-hand
 cases, and an 8-device sharded run."""
 
 import itertools
@@ -14,7 +14,7 @@ from depthg_jax import metrics
 
 
 def reference_scores(preds, labels, n_clusters, n_classes, hungarian):
-    """SPEC §9 stated directly: count every valid pixel, try every class->cluster assignment."""
+    """The protocol stated directly: count every valid pixel, try every class-cluster match."""
     preds, labels = preds.ravel(), labels.ravel()
     keep = (labels >= 0) & (labels < n_classes) & (preds >= 0) & (preds < n_clusters)
     preds, labels = preds[keep], labels[keep]

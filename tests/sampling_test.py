@@ -1,4 +1,4 @@
-"""depthg_jax.sampling against PyTorch, fpsample and NumPy statements of SPEC §4 and §6."""
+"""depthg_jax.sampling against PyTorch, fpsample and NumPy statements of docs/method.md."""
 
 import math
 
@@ -24,14 +24,14 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 
 
 def torch_sample(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """SPEC §4: grid_sample of the spatially transposed grid, bilinear, border, corners."""
+    """docs/method.md: grid_sample of the spatially transposed grid, bilinear, border, corners."""
     grid = torch.from_numpy(np.array(coords)).permute(0, 2, 1, 3)
     out = F.grid_sample(nchw(x), grid, mode="bilinear", padding_mode="border", align_corners=True)
     return nhwc(out)
 
 
 def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """SPEC §6 as a plain loop: running min squared distance, first index on ties."""
+    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
     nearest = np.full(len(points), np.inf, points.dtype)
     taken = np.zeros(len(points), bool)
     order = [start]
@@ -46,7 +46,7 @@ def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
 
 
 def torch_lift(depth: np.ndarray, fov_for_tan: float, far: float = 5.0) -> np.ndarray:
-    """SPEC §6 lifting in torch float32: (H, W) -> (H*W, 3), row-major."""
+    """docs/method.md lifting in torch float32: (H, W) -> (H*W, 3), row-major."""
     d = torch.from_numpy(depth)
     h, w = d.shape
     factor = 2.0 * torch.tan(torch.tensor([fov_for_tan], dtype=torch.float32) / 2.0)
@@ -57,7 +57,7 @@ def torch_lift(depth: np.ndarray, fov_for_tan: float, far: float = 5.0) -> np.nd
 
 
 def reference_fps_coords(depth: np.ndarray, hw: tuple[int, int], s: int) -> np.ndarray:
-    """SPEC §6 reference: pool, lift (fov 90 as radians), FPS, row-major (row/H, col/W)·2−1."""
+    """The release: pool, lift (fov 90 as radians), FPS, row-major (row/H, col/W)·2−1."""
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(depth)[:, None], hw)[:, 0].numpy()
     out = []
     for d in pooled:
@@ -300,7 +300,7 @@ def test_negative_permutation_is_super_perm():
     for batch in (2, 3, 5, 8):
         for seed in range(10):
             got, perm = map(np.asarray, draw(jax.random.key(seed), batch))
-            want = np.where(perm == np.arange(batch), perm + 1, perm) % batch  # SPEC §4
+            want = np.where(perm == np.arange(batch), perm + 1, perm) % batch  # docs/method.md
             np.testing.assert_array_equal(got, want)
             assert (got != np.arange(batch)).all()
     with pytest.raises(ValueError, match="batch >= 2"):

@@ -1,4 +1,4 @@
-"""depthg_jax.schedules against a direct restatement of the released decay block (SPEC §7).
+"""depthg_jax.schedules against a direct restatement of the released decay block (docs/settings.md).
 
 The release runs, once per batch b and after that batch's loss, with Lightning's
 global_step = 3·b and N in its own units:
@@ -26,7 +26,7 @@ from depthg_jax import sampling, schedules
 
 NUM_BATCHES = 2334  # the released max_steps 7000 / 3 optimisers
 
-# (name, initial (λ_d, b_d), release N, rate): SPEC §7.
+# (name, initial (λ_d, b_d), release N, rate): docs/settings.md.
 DEPTH_RUNS = [
     ("coco_s8", (0.19, 0.03), 750, 0.6),
     ("coco_b8", (0.16026274975444096, 0.035909146298813595), 300, 0.64),

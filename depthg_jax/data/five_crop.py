@@ -1,4 +1,4 @@
-"""Five-crop preparation (SPEC §8): every image of a split -> 4 corner crops + 1 centre crop.
+"""Five-crop preparation (docs/data.md): every image of a split -> 4 corner crops + 1 centre crop.
 
 Crops are half the image's height and width (floor): top-left, top-right, bottom-left,
 bottom-right, centre (top = round((H - h) / 2), as torchvision's five_crop), written as

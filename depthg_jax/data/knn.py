@@ -1,6 +1,6 @@
 """KNN positives: nearest-neighbour tables of backbone features, and the command that makes them.
 
-Each training example is paired with one of its nearest neighbours (SPEC §8). The table
+Each training example is paired with one of its nearest neighbours (docs/data.md). The table
 holds, for every example of a split, the indices of its top-k examples by cosine similarity of
 global-average-pooled, L2-normalised backbone features (rank 0 is the example itself), exact,
 in float32, ties broken by the lower index. It is computed on the train transform's crop

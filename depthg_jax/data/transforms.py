@@ -1,4 +1,4 @@
-"""The train/eval transform (SPEC §8) shared by the pipeline and the KNN command.
+"""The train/eval transform (docs/data.md) shared by the pipeline and the KNN command.
 
 Resize the shorter side to R with nearest-neighbour sampling (pixel centres, as PIL's
 NEAREST; the longer side becomes int(R * long / short) as torchvision's Resize), then centre

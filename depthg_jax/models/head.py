@@ -1,4 +1,4 @@
-"""Segmentation head, cluster probe and linear probe (SPEC section 3), NHWC.
+"""Segmentation head, cluster probe and linear probe (docs/method.md), NHWC.
 
 1x1 convolutions are Dense layers on the channel axis, initialised like PyTorch's Conv2d
 default (weights kaiming_uniform with a=sqrt(5), bias uniform(+-1/sqrt(fan_in)): both
