@@ -1,5 +1,6 @@
 """Datasets from miniature copies of their real on-disk layouts: mapping, depth, pairing, errors."""
 
+import hashlib
 import logging
 import os
 
@@ -150,7 +151,7 @@ def test_cocostuff_uses_curated_list_and_maps_fine_to_coarse(tmp_path, caplog):
         save(f"{root}/annotations/train2017/{i}.png", fine)
         save(f"{root}/depth/train2017/{i}_zoedepth.png", unique_depth(n, 16, 32))
     os.makedirs(f"{root}/curated/train2017")
-    with open(f"{root}/curated/train2017/{datasets.COCO_CURATED_LIST}", "w") as f:
+    with open(f"{root}/curated/train2017/{datasets.COCO_CURATED_LISTS['train2017']}", "w") as f:
         f.write(f"{ids[2]}\n{ids[0]}\n")  # The list decides membership and order.
     src = datasets.make_source("cocostuff27", root, "train", 27)
     assert src.ids == [ids[2], ids[0]]
@@ -166,16 +167,68 @@ def test_cocostuff_uses_curated_list_and_maps_fine_to_coarse(tmp_path, caplog):
             want = expect[r][c]
             assert (got[r, c] == -1) if want is None else names[got[r, c]] == want
     assert "64 label pixels" in caplog.text  # The block of 200s (8x8) is counted.
-    # Two ids are not STEGO's curated split: said, with both counts.
-    assert "the list has 2 ids, STEGO's curated list has 49629" in caplog.text
+    # Two ids are not the published split: said, with both counts.
+    assert "has 2 ids, the published split has 97702" in caplog.text
 
 
-def test_cocostuff_missing_curated_list_names_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "ASSETS_DIR", tmp_path / "no_assets")
-    os.makedirs(tmp_path / "images" / "val2017")
-    with pytest.raises(FileNotFoundError, match="curated/val2017/Coco164kFull_Stuff_Coarse_7") as e:
+def make_coco_layout(root, split_dir, ids):
+    """Empty stand-ins for every listed image (only the listing is under test)."""
+    os.makedirs(f"{root}/images/{split_dir}", exist_ok=True)
+    for i in ids:
+        open(f"{root}/images/{split_dir}/{i}.jpg", "wb").close()
+
+
+def test_the_shipped_curated_lists_are_iic_s_byte_for_byte():
+    want = {
+        ("train2017", "Coco164kFull_Stuff_Coarse.txt"): (
+            97702,
+            "277a78bf32835ab0c3f5f009bb93cda0d71300527fc6a2e738e9b20fe756acda",
+        ),
+        ("train2017", "Coco164kFull_Stuff_Coarse_7.txt"): (
+            49629,
+            "3b837594a81880a70f177afab906fc45147d8b9c2c4f51132f784e41941812f9",
+        ),
+        ("val2017", "Coco164kFull_Stuff_Coarse_7.txt"): (
+            2175,
+            "7c629734c88f1a74bba6311e01d4d9fe976df84f07cb4fc86452ce5116e51655",
+        ),
+        ("val2017", "Coco164kFull_Stuff_Coarse.txt"): (
+            4172,
+            "5d8ff03b25dfa5c3c8ae66a4a40894eedb51347c48692cd91ec37f7d5958d2be",
+        ),
+    }
+    for (split, name), (count, digest) in want.items():
+        data = assets.asset("cocostuff27", "curated", split, name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest, name
+        assert len(assets.read_lines("cocostuff27", "curated", split, name)) == count
+
+
+def test_coco_trains_on_the_coarse_list_and_evaluates_on_coarse_7(tmp_path):
+    root = str(tmp_path)
+    train_ids = assets.read_lines(
+        "cocostuff27", "curated", "train2017", "Coco164kFull_Stuff_Coarse.txt"
+    )
+    val_ids = assets.read_lines(
+        "cocostuff27", "curated", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"
+    )
+    make_coco_layout(root, "train2017", train_ids)
+    make_coco_layout(root, "val2017", val_ids)
+    train = datasets.list_coco_records(root, "train")
+    val = datasets.list_coco_records(root, "val")
+    assert (len(train), len(val)) == (97702, 2175)
+    assert [r.id for r in train] == train_ids and [r.id for r in val] == val_ids
+    assert 5 * len(train) == 488510  # five-crops of the training split
+
+
+def test_a_curated_image_missing_on_disk_names_the_list_and_the_image(tmp_path):
+    val_ids = assets.read_lines(
+        "cocostuff27", "curated", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"
+    )
+    make_coco_layout(str(tmp_path), "val2017", val_ids[1:])
+    with pytest.raises(FileNotFoundError) as e:
         datasets.make_source("cocostuff27", str(tmp_path), "val", 27)
-    assert "data/README.md" in str(e.value)
+    assert "Coco164kFull_Stuff_Coarse_7.txt" in str(e.value)
+    assert f"{val_ids[0]}.jpg" in str(e.value)
 
 
 # --- Cityscapes ------------------------------------------------------------------------------
@@ -243,10 +296,41 @@ def test_potsdam_float_images_scale_like_to_pil_image():
     # torchvision's to_pil_image on a float tensor does pic.mul(255).byte(): scale, truncate.
     import torch
 
-    from depthg_jax.data.datasets import potsdam_to_uint8
+    from depthg_jax.data.images import potsdam_to_uint8
 
     img = np.random.default_rng(0).uniform(0, 1, (5, 7, 3)).astype(np.float32)
     expected = torch.from_numpy(img).mul(255).byte().numpy()
     np.testing.assert_array_equal(potsdam_to_uint8(img), expected)
     as_uint8 = (img * 200).astype(np.uint8)
     np.testing.assert_array_equal(potsdam_to_uint8(as_uint8), as_uint8)
+
+
+def test_potsdam_reference_depth_is_the_release_s_0_1_cast(tmp_path):
+    root = str(tmp_path)
+    os.makedirs(f"{root}/imgs")
+    savemat(f"{root}/imgs/t0.mat", {"img": np.zeros((8, 8, 4), np.uint8)})
+    with open(f"{root}/labelled_train.txt", "w") as f:
+        f.write("t0\n")
+    depth = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    depth[0, :3] = 255
+    save(f"{root}/depth/t0_zoedepth.png", depth)
+    plain = datasets.make_source("potsdam3", root, "train", 3)[0]["depth"]
+    cast = datasets.make_source("potsdam3", root, "train", 3, release_depth_cast=True)[0]["depth"]
+    np.testing.assert_array_equal(plain, depth.astype(np.float32))
+    assert set(np.unique(cast)) == {0.0, 1.0}
+    np.testing.assert_array_equal(cast, (depth == 255).astype(np.float32))
+
+
+def test_fps_on_the_release_s_potsdam_depth_takes_the_all_ties_raster_start():
+    """Depth 0 lifts every point to the origin (X, Y scale with depth): an all-equal cloud,
+    on which FPS (first index on ties) takes the lowest raster indices."""
+    import jax.numpy as jnp
+
+    from depthg_jax import sampling
+
+    zeros = jnp.zeros((1, 32, 32), jnp.float32)
+    got = sampling.depth_fps_coords(zeros, feature_hw=(4, 4), num_side=2, mode="reference")
+    # Indices 0..3 of the 4x4 grid (first row), as (row/H, col/W)*2-1 used as (x, y).
+    rows, cols = np.divmod(np.arange(4), 4)
+    want = np.stack([rows / 4, cols / 4], -1).reshape(2, 2, 2) * 2 - 1
+    np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-6)

@@ -82,3 +82,20 @@ def test_fractional_depth_is_kept_at_16_bits(tmp_path):
     np.testing.assert_allclose(arr * 255.0 / 65535.0, depth, atol=255.0 / 65535.0)
     arr8, is16 = five_crop.encode_depth_crop(np.array([[0.0, 255.0]], np.float32))
     assert not is16 and arr8.dtype == np.uint8
+
+
+def test_jpeg_crops_are_written_at_the_release_s_quality_75(tmp_path):
+    import io
+
+    root = str(tmp_path / "src")
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), np.uint8)
+    os.makedirs(f"{root}/images/train")
+    os.makedirs(f"{root}/depth/train")
+    Image.fromarray(image).save(f"{root}/images/train/a.png")
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(f"{root}/depth/train/a_zoedepth.png")
+    source = datasets.make_source("directory", root, "train", 3)
+    five_crop.write_five_crops(source, str(tmp_path / "out"), "train")
+    buf = io.BytesIO()
+    Image.fromarray(image[:16, :24]).save(buf, format="JPEG", quality=75)
+    with open(tmp_path / "out" / "images" / "train" / "a_0.jpg", "rb") as f:
+        assert f.read() == buf.getvalue()

@@ -96,3 +96,27 @@ def test_sharded_backbone_features_match_a_plain_apply(tmp_path):
     apply = jax.jit(model.apply)
     feats = np.asarray(apply({"params": params}, normalize_images(crops))).mean((1, 2))
     np.testing.assert_array_equal(table, brute_force_knn(feats, 4))
+
+
+def test_knn_feature_dropout_is_the_release_s_seeded_channel_dropout():
+    import jax
+    import jax.numpy as jnp
+
+    from depthg_jax.models.head import channel_dropout
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 2, 2, 16)).astype(np.float32)  # one per simulated device
+    identity = lambda p, x: x  # noqa: E731  (the "backbone": features are the input)
+    key = jax.random.key(3)
+    plain = knn.make_sharded_feature_fn(identity, {})(images)
+    dropped = knn.make_sharded_feature_fn(identity, {}, dropout=0.5, dropout_key=key)
+    first, second = dropped(images), dropped(images)
+    want = channel_dropout(jax.random.fold_in(key, 0), jnp.asarray(images), 0.5).mean((1, 2))
+    want = np.asarray(want / jnp.linalg.norm(want, axis=-1, keepdims=True))
+    np.testing.assert_allclose(first, want, atol=1e-6)
+    expected_plain = images.mean((1, 2))
+    expected_plain /= np.linalg.norm(expected_plain, axis=-1, keepdims=True)
+    np.testing.assert_allclose(plain, expected_plain, atol=1e-6)
+    assert np.any(first == 0) and not np.allclose(first, second)  # a fresh mask per batch
+    with pytest.raises(ValueError, match="dropout_key"):
+        knn.make_sharded_feature_fn(identity, {}, dropout=0.1)

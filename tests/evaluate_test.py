@@ -216,3 +216,37 @@ def test_cli_rejects_config_for_another_model(export_dir):
     other.data.n_classes = 27
     with pytest.raises(ValueError, match=r"data.n_classes: checkpoint 6, config 27"):
         evaluate.run(export_dir, config_override=other)
+
+
+def test_release_crf_image_equals_the_torch_round_trip():
+    # The release: to_pil_image(unnormalise(normalise(to_tensor(x)))), i.e. floor(255 * y).
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+    t = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(image_ops.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(image_ops.IMAGENET_STD).view(1, 3, 1, 1)
+    round_trip = ((t - mean) / std) * std + mean
+    want = round_trip.mul(255).byte().permute(0, 2, 3, 1).numpy()
+    got = image_ops.release_crf_image(images)
+    np.testing.assert_array_equal(got, want)
+    lower = np.mean(got.astype(int) == images.astype(int) - 1)
+    assert 0.05 < lower < 0.5  # a real share of levels comes back one lower
+    assert np.all((images.astype(int) - got) >= 0) and np.all((images.astype(int) - got) <= 1)
+
+
+def test_matmul_precision_reaches_the_backbone_program():
+    x = jnp.ones((1, 16, 16, 3), jnp.uint8)
+    params = model_lib.init_params(jax.random.key(0), variant="mu/8", dim=8, n_classes=3, res=16)
+
+    def code(precision):
+        return jax.jit(
+            lambda p, im: model_lib.compute_code(
+                p, im, variant="mu/8", dim=8, dtype="float32", matmul_precision=precision
+            )
+        ).lower(params, x).as_text()
+
+    # The position-embedding resize asks for HIGHEST itself; every other dot follows the scope.
+    default, highest = code("default"), code("highest")
+    dots = highest.count("stablehlo.dot_general")
+    assert default.count("HIGHEST") < dots and highest.count("precision = [HIGHEST") == dots
+    with pytest.raises(ValueError, match="matmul precision"):
+        model_lib.precision_scope("low")

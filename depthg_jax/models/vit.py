@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -239,9 +240,8 @@ class DinoViT(nn.Module):
         x = _PatchEmbed(spec.dim, spec.patch, self.dtype, name="patch_embed")(images)
         cls = self.param("cls_token", _trunc_normal_init, (1, 1, spec.dim))
         pos_embed = self.param("pos_embed", _trunc_normal_init, self._pos_embed_shape(spec))
-        tokens = jnp.concatenate(
-            [jnp.broadcast_to(cls, (b, 1, spec.dim)), x.reshape(b, -1, spec.dim)], 1
-        )
+        patches = einops.rearrange(x, "b h w c -> b (h w) c")  # row-major, as DINO flattens
+        tokens = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, spec.dim)), patches], 1)
         tokens = tokens.astype(self.dtype) + resize_pos_embed(pos_embed, (gh, gw)).astype(
             self.dtype
         )
@@ -249,7 +249,8 @@ class DinoViT(nn.Module):
         for i in range(spec.depth):
             tokens, attn = Block(spec.dim, spec.heads, self.dtype, name=f"blocks_{i}")(tokens)
         tokens = _layer_norm("norm", self.dtype)(tokens)
-        feats = tokens[:, 1:].reshape(b, gh, gw, spec.dim).astype(jnp.float32)
+        feats = einops.rearrange(tokens[:, 1:], "b (h w) c -> b h w c", h=gh, w=gw)
+        feats = feats.astype(jnp.float32)
         if return_attention:
             return feats, attn
         return feats
