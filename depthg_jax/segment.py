@@ -209,35 +209,39 @@ def segment_folder(
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "An export directory.")
-    flags.DEFINE_string("images", None, "Folder of images (recursive).")
-    flags.DEFINE_string("out", None, "Output folder.")
-    flags.DEFINE_integer("res", 320, "Model input side (px).")
-    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
-    flags.DEFINE_enum("probe", "cluster", ["cluster", "linear"], "Which probe labels pixels.")
-    flags.DEFINE_string("assignment", None, "evaluate's results.json (colours clusters by class).")
-    flags.DEFINE_bool("crf", False, "Refine with the dense CRF.")
-    flags.mark_flags_as_required(["checkpoint", "images", "out"])
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("checkpoint", None, "An export directory.", flag_values=fv)
+    flags.DEFINE_string("images", None, "Folder of images (recursive).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_integer("res", 320, "Model input side (px).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", flag_values=fv)
+    flags.DEFINE_enum(
+        "probe", "cluster", ["cluster", "linear"], "Which probe labels pixels.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "assignment", None, "evaluate's results.json (colours clusters by class).", flag_values=fv
+    )
+    flags.DEFINE_bool("crf", False, "Refine with the dense CRF.", flag_values=fv)
+    flags.mark_flags_as_required(["checkpoint", "images", "out"], flag_values=fv)
 
 
-def run() -> int:
+def run(fv: flags.FlagValues = FLAGS) -> int:
     """Segments as the flags say; returns the exit status (2: bad input, 1: unreadable images)."""
     try:
         written, errors = segment_folder(
-            FLAGS.checkpoint,
-            FLAGS.images,
-            FLAGS.out,
-            res=FLAGS.res,
-            batch_size=FLAGS.batch_size,
-            probe=FLAGS.probe,
-            assignment=FLAGS.assignment,
-            use_crf=FLAGS.crf,
+            fv.checkpoint,
+            fv.images,
+            fv.out,
+            res=fv.res,
+            batch_size=fv.batch_size,
+            probe=fv.probe,
+            assignment=fv.assignment,
+            use_crf=fv.crf,
         )
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {written} segmentations under {FLAGS.out} (labels/, color/, overlay/)")
+    print(f"wrote {written} segmentations under {fv.out} (labels/, color/, overlay/)")
     if errors:
         print(f"{len(errors)} image(s) could not be read:", file=sys.stderr)
         for message in errors:

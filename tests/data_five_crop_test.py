@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+from cli import run_cli
 from PIL import Image
 
 from depthg_jax.data import datasets, five_crop
@@ -42,8 +43,10 @@ def test_boxes_are_four_corners_and_the_centre_of_half_size():
 def test_crops_keep_image_label_and_depth_aligned(tmp_path):
     src_root, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_cityscapes(src_root)
-    five_crop.main(
-        ["--dataset=cityscapes27", f"--root={src_root}", f"--out={out}", "--image_format=png"]
+    run_cli(
+        "depthg_jax.data.five_crop",
+        ["--dataset=cityscapes27", f"--root={src_root}", f"--out={out}", "--image_format=png"],
+        check=True,
     )
     src = datasets.make_source("cityscapes27", src_root, "train", 27)
     crops = datasets.make_source("directory", out, "train", 27)
@@ -59,20 +62,18 @@ def test_crops_keep_image_label_and_depth_aligned(tmp_path):
             np.testing.assert_array_equal(c["label"], ex["label"][win])
 
 
-def test_rerun_is_a_no_op_and_an_interrupted_run_resumes(tmp_path, capsys):
+def test_rerun_is_a_no_op_and_an_interrupted_run_resumes(tmp_path):
     src_root, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_cityscapes(src_root)
     args = ["--dataset=cityscapes27", f"--root={src_root}", f"--out={out}"]
-    five_crop.main(args)
-    assert "Cropped 2 of 2" in capsys.readouterr().out
+    cli = lambda: run_cli("depthg_jax.data.five_crop", args, check=True).stdout  # noqa: E731
+    assert "Cropped 2 of 2" in cli()
     victim = f"{out}/images/train/bonn/bonn_0_2_3.jpg"
     stamp = os.stat(f"{out}/images/train/aachen/aachen_0_1_0.jpg").st_mtime_ns
     os.remove(victim)  # As if killed before the last crop of the second image.
-    five_crop.main(args)
-    assert "Cropped 1 of 2" in capsys.readouterr().out and os.path.exists(victim)
+    assert "Cropped 1 of 2" in cli() and os.path.exists(victim)
     assert os.stat(f"{out}/images/train/aachen/aachen_0_1_0.jpg").st_mtime_ns == stamp
-    five_crop.main(args)
-    assert "Cropped 0 of 2" in capsys.readouterr().out
+    assert "Cropped 0 of 2" in cli()
 
 
 def test_fractional_depth_is_kept_at_16_bits(tmp_path):

@@ -90,7 +90,11 @@ def test_sharded_backbone_features_match_a_plain_apply(tmp_path):
         lambda s: rng.normal(0.0, 0.2, s.shape).astype(np.float32), shapes["params"]
     )
     table = knn.build_knn_table(
-        src, knn.make_sharded_feature_fn("mu/8", params), res=16, global_batch_size=8, k=4
+        src,
+        knn.make_sharded_feature_fn(lambda p, x: model.apply({"params": p}, x), params),
+        res=16,
+        global_batch_size=8,
+        k=4,
     )
     crops = np.stack([resize_center_crop(src[i], 16)["image"] for i in range(10)])
     apply = jax.jit(model.apply)

@@ -189,7 +189,7 @@ def test_missing_knn_table_says_which_command_makes_it(root):
 
 
 def test_knn_table_is_found_without_a_variant_unless_ambiguous(root, tmp_path):
-    assert pipeline.resolve_knn_path(make_config(root)).endswith("nns_S-8_train_16.npz")
+    assert pipeline.knn_path(make_config(root)).endswith("nns_S-8_train_16.npz")
     other = str(tmp_path / "ds")
     make_dataset(other, "train", 2)
     with pytest.raises(

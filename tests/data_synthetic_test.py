@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from cli import run_cli
 
 from depthg_jax.data import datasets, synthetic
 
@@ -78,6 +79,7 @@ def test_depth_follows_the_scene_geometry():
 
 
 def test_cli_writes_the_set(tmp_path):
-    synthetic.main(["--out", str(tmp_path / "cli"), "--num_train=2", "--num_val=1", "--size=32"])
+    args = ["--out", tmp_path / "cli", "--num_train=2", "--num_val=1", "--size=32"]
+    run_cli("depthg_jax.data.synthetic", args, check=True)
     assert sorted(os.listdir(tmp_path / "cli" / "images" / "train")) == ["000000.png", "000001.png"]
     assert os.path.exists(tmp_path / "cli" / "depth" / "val" / "000000_zoedepth.png")

@@ -192,7 +192,7 @@ def export_dir(tmp_path_factory, params):
 
 
 def test_cli_run_writes_report(export_dir, tmp_path):
-    results, names, paths = evaluate.run(export_dir, out_dir=str(tmp_path / "report"))
+    results, names, paths, _ = evaluate.run(export_dir, out_dir=str(tmp_path / "report"))
     assert results["num_images"] == 5 and len(names) == 6
     with open(paths["results"]) as f:
         saved = json.load(f)

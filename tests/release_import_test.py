@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli import run_in_process
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
@@ -495,7 +496,10 @@ def test_segment_and_evaluate_take_the_import(depthg, depthg_export, tmp_path):
         Image.fromarray(image).save(folder / f"{i}.png")
     out = tmp_path / "seg"
     args = ["--checkpoint", str(depthg_export), "--images", str(folder), "--out", str(out)]
-    assert segment.main(args + ["--res", "32", "--batch-size", "2"]) == 0
+    assert (
+        run_in_process(segment.define_flags, segment.run, args + ["--res=32", "--batch_size=2"])
+        == 0
+    )
     want = model.evaluate(images, flip=True)["cluster_log_probs"].argmax(-1)
     for i in range(2):
         with Image.open(out / "labels" / f"{i}.png") as im:
@@ -509,7 +513,7 @@ def test_segment_and_evaluate_take_the_import(depthg, depthg_export, tmp_path):
     config.data.synthetic_val, config.data.eval_res = 3, 32
     config.eval.batch_size, config.eval.crf = 8, False
     synthetic.generate_dataset(config.data.root, num_train=1, num_val=3, size=32, seed=0)
-    results, names, _ = evaluate.run(str(depthg_export), config, str(tmp_path / "report"))
+    results, names, _, _ = evaluate.run(str(depthg_export), config, str(tmp_path / "report"))
     assert results["num_images"] == 3 and len(names) == DEPTHG["n_classes"]
     assert 0 <= results["cluster"]["accuracy"] <= 1
 

@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from cli import run_in_process
 from PIL import Image
 
 from depthg_jax import segment
@@ -51,14 +52,14 @@ EXPECTED = {"a": (56, 40), "sub/b": (20, 33), "c": (31, 25), "sub/d": (48, 64)} 
 
 
 def run(args):
-    return segment.main([str(a) for a in args])
+    return run_in_process(segment.define_flags, segment.run, args)
 
 
 def test_segment_writes_real_pngs_of_the_input_size(export_dir, images_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = run(
         ["--checkpoint", export_dir, "--images", images_dir, "--out", out, "--res", 32]
-        + ["--batch-size", 3]
+        + ["--batch_size", 3]
     )
     err = capsys.readouterr().err
     assert code == 1 and "broken.jpg" in err  # the unreadable image is named, others done
@@ -89,7 +90,7 @@ def test_segment_labels_follow_the_model_prediction(export_dir, images_dir, tmp_
     assert (
         run(
             ["--checkpoint", export_dir, "--images", folder, "--out", tmp_path / "o"]
-            + ["--res", 32, "--batch-size", 3, "--probe", "linear"]
+            + ["--res", 32, "--batch_size", 3, "--probe", "linear"]
         )
         == 0
     )
@@ -116,7 +117,7 @@ def test_assignment_recolours_clusters(export_dir, images_dir, tmp_path):
     perm = [5, 4, 3, 2, 1, 0]
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"cluster": {"assignment": perm}}))
-    base = ["--checkpoint", export_dir, "--images", images_dir, "--res", 32, "--batch-size", 3]
+    base = ["--checkpoint", export_dir, "--images", images_dir, "--res", 32, "--batch_size", 3]
     run(base + ["--out", tmp_path / "raw"])
     run(base + ["--out", tmp_path / "mapped", "--assignment", results])
     raw = np.asarray(Image.open(tmp_path / "raw/labels/a.png"))
@@ -128,7 +129,7 @@ def test_bad_inputs_give_clear_messages(export_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run(["--checkpoint", export_dir, "--images", empty, "--out", tmp_path / "o"]) == 2
-    assert "no .jpg/.jpeg/.png images found under" in capsys.readouterr().err
+    assert "images found under" in capsys.readouterr().err
 
     folder = tmp_path / "imgs"
     folder.mkdir()
