@@ -29,7 +29,7 @@ def make_coco(root, rng):
     }
     for split, ids in lists.items():
         os.makedirs(f"{root}/curated/{split}", exist_ok=True)
-        with open(f"{root}/curated/{split}/{datasets.COCO_CURATED_LIST}", "w") as f:
+        with open(f"{root}/curated/{split}/{datasets.COCO_CURATED_LISTS[split]}", "w") as f:
             f.write("\n".join(ids) + "\n")
         for n, i in enumerate(ids):
             image = noise(rng, (H, W, 3))

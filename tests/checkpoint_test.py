@@ -16,7 +16,7 @@ def test_keeps_the_latest_k_and_the_best_by_cluster_miou(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path / "ckpt"), keep=2, save_every=1)
     mious = {1: 0.2, 2: 0.9, 3: 0.1, 4: 0.3, 5: 0.4}
     for step, miou in mious.items():
-        metrics = {checkpoint.BEST_METRIC: miou}
+        metrics = {"val/cluster_miou": miou}
         checkpoint.save_train_state(manager, step, _state(step), {"pos": step}, metrics=metrics)
         manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [2, 4, 5]  # best (2) + latest two (4, 5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from depthg_jax import crf, evaluate, image_ops, metrics, sharding
+from depthg_jax import crf, evaluate, image_ops, metrics, reports, sharding
 from depthg_jax.models import model as model_lib
 
 N_CLASSES = 6  # the synthetic set's, so the export test reuses the compiled step
@@ -205,7 +205,7 @@ def test_cli_run_writes_report(export_dir, tmp_path):
     with Image.open(paths["confusion_cluster_crf"]) as im:
         assert im.format == "PNG" and im.mode == "RGB" and min(im.size) > 6 * 28
     assert not [f for f in os.listdir(tmp_path / "report") if f.startswith(".tmp")]
-    table = evaluate.format_table(results)
+    table = reports.format_table(results)
     assert "cluster" in table and "linear" in table and "with CRF" in table
 
 

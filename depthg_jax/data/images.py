@@ -53,7 +53,7 @@ def find_images(images_dir: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path) -> np.ndarray:
     """Reads an image as uint8 RGB (H, W, 3), fully decoded, with no EXIF rotation.
 
     No EXIF transpose: depth and labels must align with the raw pixel array. 16-bit grayscale
@@ -62,9 +62,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     channels, floats scaled by 255 and truncated as torchvision's to_pil_image does.
     Raises ValueError naming the file on any failure.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".mat":
-        return _read_mat_image(path)
+    if isinstance(path, str | os.PathLike):  # else a binary file object (prepared records)
+        path = Path(path)
+        if path.suffix.lower() == ".mat":
+            return _read_mat_image(path)
     try:
         with Image.open(path) as im:
             im.load()  # Decode now: a truncated file fails here, not later.

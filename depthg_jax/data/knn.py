@@ -106,7 +106,7 @@ def save_knn_table(path: str, indices: np.ndarray, ids: Sequence[str]) -> None:
     np.savez(buffer, indices=np.asarray(indices, np.int32), ids=np.asarray(list(ids)))
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_bytes(buffer.getvalue())
-    tmp.rename(path)
+    tmp.replace(path)  # atomic; a concurrent writer of the same table may have been first
 
 
 def load_knn_table(path: str, ids: Sequence[str] | None = None, command=KNN_COMMAND) -> np.ndarray:
