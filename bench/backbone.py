@@ -1,6 +1,13 @@
 """Backbone forward throughput: jitted DinoViT vs timm, side by side in one run.
 
   PYTHONPATH=. /work/timmenv/bin/python bench/backbone.py --variants=S/8,B/8 --batch=4
+  PYTHONPATH=. /work/main/.venv/bin/python bench/backbone.py \
+      --variants=S/16,v2-S/14,v2reg-S/14,v3-S/16 --batch=2
+
+DINOv2/DINOv3 variants (built by `vit.build_backbone`) have no timm reference here; for every
+variant the line also gives the forward's matmul FLOPs (counted from the shapes) and GFLOP/s,
+and, after the first (v1) variant, the ratio of each variant's GFLOP/s to it: "per FLOP"
+speed relative to our v1 forward.
 
 (the timm venv also has jax/flax; with the project venv, which has no timm, only our
 figures are printed). Both models hold the same random weights; the timings alternate
@@ -21,7 +28,7 @@ import numpy as np
 
 from depthg_jax import xla
 from depthg_jax.models.convert import convert_state_dict
-from depthg_jax.models.vit import DinoViT, get_variant
+from depthg_jax.models.vit import build_backbone, get_variant, mlp_hidden
 
 try:
     import timm
@@ -43,22 +50,35 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> None:
+def forward_flops(variant: str, size: int) -> float:
+    """Multiply-add FLOPs (x2) of one image's forward: patch conv, qkv, attention, proj, MLP."""
     spec = get_variant(variant)
+    n = (size // spec.patch) ** 2
+    t = n + 1 + spec.registers
+    c, h = spec.dim, mlp_hidden(variant)
+    mlp = (3 if spec.swiglu else 2) * t * c * h
+    block = 3 * t * c * c + 2 * t * t * c + t * c * c + mlp
+    return 2.0 * (n * c * 3 * spec.patch**2 + spec.depth * block)
+
+
+def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> float:
+    """Prints one line; returns our GFLOP/s."""
+    spec = get_variant(variant)
+    size = size // spec.patch * spec.patch  # e.g. 224 -> 224 for /14 and /16, 320 -> 308 for /14
     images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
-    if timm is not None:
+    if timm is not None and variant in TIMM_NAMES:
         torch.manual_seed(0)
         ref = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=0).eval()
         params = convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, variant)
         x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     else:
-        params = DinoViT(variant).init(jax.random.key(0), images[:1])["params"]
+        params = build_backbone(variant).init(jax.random.key(0), images[:1])["params"]
 
     # On device once, as the product holds them: host NumPy params would be copied per call.
     params = jax.device_put(params)
 
     def apply(p, x):
-        return DinoViT(variant, dtype).apply({"params": p}, x)
+        return build_backbone(variant, dtype).apply({"params": p}, x)
 
     forward = xla.jit(apply)  # what the product runs (depthg_jax/xla.py's options)
     forward_xla_defaults = jax.jit(apply)
@@ -69,15 +89,17 @@ def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> N
     for _ in range(repeats):
         ours.append(timed(lambda: forward(params, x).block_until_ready()))
         defaults.append(timed(lambda: forward_xla_defaults(params, x).block_until_ready()))
-        if timm is not None:
+        if timm is not None and variant in TIMM_NAMES:
             with torch.inference_mode():
                 if not theirs:
                     ref.forward_features(x_torch)  # warm-up
                 theirs.append(timed(lambda: ref.forward_features(x_torch)))
     ours_s = statistics.median(ours)
     defaults_s = statistics.median(defaults)
+    gflops = forward_flops(variant, size) * batch / 1e9
     line = (
-        f"{variant} {size}px batch {batch} ({spec.depth} blocks, dim {spec.dim}), "
+        f"{variant} {size}px batch {batch} ({spec.depth} blocks, dim {spec.dim}, "
+        f"{gflops / batch:.2f} GFLOP/img, {gflops / ours_s:.1f} GFLOP/s), "
         f"{jnp.dtype(dtype).name}: ours {ours_s:.3f} s/batch = {batch / ours_s:.2f} img/s "
         f"(first call incl. compile {compile_s:.1f} s); plain jax.jit (XLA's default options) "
         f"{defaults_s:.3f} s/batch, ours {defaults_s / ours_s:.2f}x"
@@ -89,6 +111,7 @@ def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> N
             f"ours/timm throughput ratio {theirs_s / ours_s:.2f}"
         )
     print(line, flush=True)
+    return gflops / ours_s
 
 
 def main():
@@ -106,8 +129,15 @@ def main():
         f"os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    rates = {}
     for variant in args.variants.split(","):
-        bench_variant(variant, args.batch, args.size, args.repeats, jnp.dtype(args.dtype))
+        rates[variant] = bench_variant(
+            variant, args.batch, args.size, args.repeats, jnp.dtype(args.dtype)
+        )
+    first = next(iter(rates))
+    for variant, rate in rates.items():
+        if variant != first:
+            print(f"{variant} per-FLOP speed / {first}'s: {rate / rates[first]:.2f}")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

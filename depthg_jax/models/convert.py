@@ -1,10 +1,11 @@
-"""Pretrained DINO weights (official .pth, timm, Hugging Face) -> DinoViT params.
+"""Pretrained DINO / DINOv2 / DINOv3 weights (official .pth, timm, Hugging Face) -> params.
 
 Usage:
   python -m depthg_jax.models.convert --variant=S/8 --weights=FILE --out=DIR
 
 writes an Orbax checkpoint of the backbone params to DIR/params plus DIR/backbone.json
-(the variant). Without --weights it downloads the official DINO file for the variant.
+(the variant). Without --weights it downloads the official DINO or DINOv2 file for the
+variant; DINOv3 weights are gated and load from local files only.
 Nothing is written unless everything succeeds (we build in a temp dir and rename).
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from depthg_jax.models import convert_v2v3
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
 
@@ -33,6 +35,7 @@ OFFICIAL_URLS: dict[str, str] = {
     "S/8": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
     "B/16": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
     "B/8": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+    **convert_v2v3.DINOV2_URLS,
 }
 META_FILE = "backbone.json"
 PARAMS_DIR = "params"
@@ -95,12 +98,14 @@ def _unnest(obj: Any, path: Path) -> dict[str, Any]:
 
 
 def _strip_prefixes(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Removes DDP's ``module.``, DINO's ``backbone.`` and HF's ``vit.``/``dino.`` wrappers."""
-    for prefix in ("module.", "backbone.", "vit.", "dino."):
+    """Removes DDP's ``module.``, DINO's ``backbone.`` and HF's ``vit.``/``dino.``/``dinov2.``
+    wrappers."""
+    subnets = ("backbone.", "vit.", "dino.", "dinov2.", "dinov2_with_registers.")
+    for prefix in ("module.", *subnets):
         if state and any(k.startswith(prefix) for k in state):
             # A wrapped checkpoint also holds siblings of the backbone (e.g. "head."): keep
             # only the wrapped part when the prefix is a sub-network name.
-            if prefix in ("backbone.", "vit.", "dino."):
+            if prefix in subnets:
                 state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             else:
                 state = {k.removeprefix(prefix): v for k, v in state.items()}
@@ -132,19 +137,26 @@ def _rename_hf(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def normalise_state_dict(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Maps a flat state dict of any supported naming to official DINO names."""
+    """Maps a flat state dict of any supported naming to official DINO / DINOv2 / DINOv3 names."""
     state = _strip_prefixes(state)
-    if any(k.startswith(("embeddings.", "encoder.")) for k in state):
+    if convert_v2v3.is_hf_v3(state):
+        state = convert_v2v3.rename_hf_v3(state)
+    elif convert_v2v3.is_hf_v2(state):
+        state = convert_v2v3.rename_hf_v2(state)
+    elif any(k.startswith(("embeddings.", "encoder.")) for k in state):
         state = _rename_hf(state)
+    state = convert_v2v3.unchunk_blocks(state)
     return {k: v for k, v in state.items() if not _DROPPED.match(k)}
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a DINO/timm/HF weight file into {official DINO name: numpy array}.
+    """Reads a DINO/DINOv2/DINOv3/timm/HF weight file into {official name: numpy array}.
 
-    Accepts official DINO .pth (plain, or nested under teacher/student/model/state_dict,
-    with module./backbone. prefixes), timm state dicts (.pth/.bin/.safetensors) and Hugging
-    Face ViT safetensors (facebook/dino-vits8 names). .pth files are read without torch by
+    Accepts official DINO, DINOv2 and DINOv3 .pth (plain, or nested under
+    teacher/student/model/state_dict, with module./backbone. prefixes), timm state dicts
+    (.pth/.bin/.safetensors) and Hugging Face safetensors (facebook/dino-vits8,
+    facebook/dinov2-small, facebook/dinov2-with-registers-small,
+    facebook/dinov3-vits16-pretrain-lvd1689m names). .pth files are read without torch by
     a restricted unpickler that refuses any non-tensor global.
     """
     path = Path(path)
@@ -179,8 +191,10 @@ def _guess_variant(arch: dict[str, int]) -> str | None:
 
 
 def expected_shapes(variant: str, num_positions: int) -> dict[str, tuple[int, ...]]:
-    """Official DINO key -> PyTorch shape for a variant with num_positions patch positions."""
+    """Official key -> PyTorch shape for a variant with num_positions patch positions."""
     spec = get_variant(variant)
+    if spec.family != "v1":
+        return convert_v2v3.expected_shapes_v2v3(variant, num_positions)
     c, p, hidden = spec.dim, spec.patch, spec.dim * 4
     shapes: dict[str, tuple[int, ...]] = {
         "cls_token": (1, 1, c),
@@ -208,6 +222,7 @@ def expected_shapes(variant: str, num_positions: int) -> dict[str, tuple[int, ..
 
 def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
     spec = get_variant(variant)
+    convert_v2v3.check_matches_variant(state, variant)  # e.g. a DINOv2 file for a v1 variant
     arch = infer_architecture(state)
     if (arch.get("patch"), arch.get("dim"), arch.get("depth")) != (
         spec.patch,
@@ -247,13 +262,16 @@ def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
-    """Official-DINO-named state dict -> the "params" collection of ``DinoViT(variant)``.
+    """Official-named state dict -> the "params" of ``vit.build_backbone(variant)``.
 
     Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
     the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.
+    DINOv2/DINOv3 variants go through ``convert_v2v3.convert_state_dict_v2v3``.
     Raises ValueError naming unknown/missing keys, a key whose shape is wrong (with both
-    shapes), or a variant the weights do not fit.
+    shapes), or a variant the weights do not fit (another family, size or register count).
     """
+    if get_variant(variant).family != "v1":
+        return convert_v2v3.convert_state_dict_v2v3(state_dict, variant)
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     _check_keys_and_shapes(state, variant)
     params: dict[str, Any] = {}
@@ -317,7 +335,7 @@ def _restore_orbax(path: Path, variant: str) -> dict[str, Any]:
 
 
 def load_backbone(path: str | os.PathLike, variant: str) -> dict[str, Any]:
-    """Params for ``DinoViT(variant)`` from a converted Orbax dir or any supported weight file."""
+    """Backbone params for a variant from a converted Orbax dir or any supported weight file."""
     get_variant(variant)
     path = Path(path)
     if path.is_dir():
@@ -328,8 +346,9 @@ def load_backbone(path: str | os.PathLike, variant: str) -> dict[str, Any]:
 
 
 def download_official(variant: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Downloads the official DINO weights for a variant (cached); clear error offline."""
-    get_variant(variant)
+    """Downloads the official DINO/DINOv2 weights for a variant (cached); clear error offline."""
+    if get_variant(variant).family == "v3":
+        raise ValueError(convert_v2v3.dinov3_weights_hint(variant))
     if variant not in OFFICIAL_URLS:
         raise ValueError(
             f"no official DINO weights for variant {variant!r} (available: "
@@ -349,7 +368,7 @@ def download_official(variant: str, cache_dir: str | os.PathLike | None = None) 
         part.unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download {url} ({e}). Without network, fetch that file elsewhere and "
-            f"pass it with --weights=FILE (a DINO .pth, timm .pth/.safetensors or HF "
+            f"pass it with --weights=FILE (a DINO/DINOv2 .pth, timm .pth/.safetensors or HF "
             "safetensors file)"
         ) from e
     os.replace(part, target)

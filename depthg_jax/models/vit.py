@@ -28,12 +28,16 @@ MLP_RATIO = 4
 
 
 class VariantSpec(NamedTuple):
-    """Shape of one ViT variant."""
+    """Shape of one ViT variant (DINO v1, DINOv2 or DINOv3)."""
 
     patch: int
     dim: int
     depth: int
     heads: int
+    family: str = "v1"  # "v1" (DinoViT), "v2" (dinov2.Dinov2ViT) or "v3" (dinov3.Dinov3ViT)
+    registers: int = 0  # register tokens after CLS (DINOv3 calls them storage tokens)
+    hidden: int = 0  # MLP hidden width; 0 means 4 * dim
+    swiglu: bool = False  # SwiGLU feed-forward instead of fc1 -> GELU -> fc2
 
 
 VARIANTS: dict[str, VariantSpec] = {
@@ -46,6 +50,28 @@ VARIANTS: dict[str, VariantSpec] = {
     # One-block, width-32 variants for tests and the CPU demo.
     "mu/8": VariantSpec(8, 32, 1, 2),
     "mu/16": VariantSpec(16, 32, 1, 2),
+    # DINOv2 (facebookresearch/dinov2 hub models), with and without 4 registers. SwiGLU
+    # widths follow the reference: (int(4 * dim * 2 / 3) + 7) // 8 * 8.
+    "v2-S/14": VariantSpec(14, 384, 12, 6, "v2"),
+    "v2-B/14": VariantSpec(14, 768, 12, 12, "v2"),
+    "v2-L/14": VariantSpec(14, 1024, 24, 16, "v2"),
+    "v2-g/14": VariantSpec(14, 1536, 40, 24, "v2", hidden=4096, swiglu=True),
+    "v2reg-S/14": VariantSpec(14, 384, 12, 6, "v2", registers=4),
+    "v2reg-B/14": VariantSpec(14, 768, 12, 12, "v2", registers=4),
+    "v2reg-L/14": VariantSpec(14, 1024, 24, 16, "v2", registers=4),
+    "v2reg-g/14": VariantSpec(14, 1536, 40, 24, "v2", registers=4, hidden=4096, swiglu=True),
+    # DINOv3 ViTs (LVD-1689M): 4 storage tokens, RoPE; S+ and H+ use SwiGLU.
+    "v3-S/16": VariantSpec(16, 384, 12, 6, "v3", registers=4),
+    "v3-S+/16": VariantSpec(16, 384, 12, 6, "v3", registers=4, hidden=1536, swiglu=True),
+    "v3-B/16": VariantSpec(16, 768, 12, 12, "v3", registers=4),
+    "v3-L/16": VariantSpec(16, 1024, 24, 16, "v3", registers=4),
+    "v3-H+/16": VariantSpec(16, 1280, 32, 20, "v3", registers=4, hidden=5120, swiglu=True),
+    # Two-block, width-32 variants of each family for tests and the CPU demo.
+    "v2-mu/14": VariantSpec(14, 32, 2, 2, "v2"),
+    "v2-mug/14": VariantSpec(14, 32, 2, 2, "v2", hidden=88, swiglu=True),
+    "v2reg-mu/14": VariantSpec(14, 32, 2, 2, "v2", registers=4),
+    "v3-mu/16": VariantSpec(16, 32, 2, 2, "v3", registers=4),
+    "v3-mu+/16": VariantSpec(16, 32, 2, 2, "v3", registers=4, hidden=128, swiglu=True),
 }
 
 
@@ -64,6 +90,35 @@ def patch_size(variant: str) -> int:
 def embed_dim(variant: str) -> int:
     """Token width of a variant ("S/8" -> 384)."""
     return get_variant(variant).dim
+
+
+def family(variant: str) -> str:
+    """Backbone family of a variant: "v1" (DINO), "v2" (DINOv2) or "v3" (DINOv3)."""
+    return get_variant(variant).family
+
+
+def mlp_hidden(variant: str) -> int:
+    """Hidden width of a variant's feed-forward layers."""
+    spec = get_variant(variant)
+    return spec.hidden or MLP_RATIO * spec.dim
+
+
+def build_backbone(variant: str, dtype=jnp.float32) -> nn.Module:
+    """The backbone module of any variant: DinoViT, Dinov2ViT or Dinov3ViT.
+
+    All three take ImageNet-normalised (B, H, W, 3) images and return (B, H/p, W/p, C)
+    float32 patch features after the final norm (CLS and register tokens dropped).
+    """
+    kind = family(variant)
+    if kind == "v2":
+        from depthg_jax.models.dinov2 import Dinov2ViT
+
+        return Dinov2ViT(variant=variant, dtype=dtype)
+    if kind == "v3":
+        from depthg_jax.models.dinov3 import Dinov3ViT
+
+        return Dinov3ViT(variant=variant, dtype=dtype)
+    return DinoViT(variant=variant, dtype=dtype)
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
@@ -235,6 +290,11 @@ class DinoViT(nn.Module):
         last block's attention (B, heads, 1+N, 1+N), float32, CLS first as in DINO.
         """
         spec = get_variant(self.variant)
+        if spec.family != "v1":
+            raise ValueError(
+                f"DinoViT runs DINO v1 variants; {self.variant!r} is a DINO{spec.family} variant: "
+                "build it with vit.build_backbone"
+            )
         gh, gw = check_images(images, spec.patch)
         b = images.shape[0]
         x = _PatchEmbed(spec.dim, spec.patch, self.dtype, name="patch_embed")(images)
