@@ -1,6 +1,7 @@
 """COCO-Stuff-27, the released DepthG runs (docs/settings.md).
 
-ViT-S/8 by default; ViT-B/8 with `--config=configs/coco.py:B/8`.
+ViT-S/8 by default; ViT-B/8 with `--config=configs/coco.py:B/8`; DINOv2/v3 backbones with
+e.g. `--config=configs/coco.py:v2-B/14` (the same size's DINO v1 settings as a starting point).
 `objective="reference"` reproduces the released code (published numbers); switch to the
 paper's intent with `--config.objective=corrected`.
 """
@@ -14,6 +15,12 @@ def get_config(variant: str = "S/8"):
     config.data.name = "cocostuff27"
     config.data.n_classes = 27
     loss = config.loss
+    family, _, size = variant.rpartition("-")
+    if family:  # DINOv2 / DINOv3 (README, section Backbones): a starting point, not a tuned run.
+        patch = int(size.split("/")[1])
+        config.data.train_res = 224  # 16x16 (patch 14) or 14x14 (patch 16) feature grid
+        config.data.eval_res = 322 if patch == 14 else 320
+        variant = "S/8" if size.startswith("S/") else "B/8"  # take that size's v1 settings
     if variant.startswith("S/"):
         config.model.dim = 70
         loss.feature_samples = 11
@@ -22,7 +29,7 @@ def get_config(variant: str = "S/8"):
         loss.neg_inter_weight, loss.neg_inter_shift = 0.70, 0.761
         loss.depth_weight, loss.depth_shift = 0.19, 0.03
         loss.depth_decay_every, loss.depth_decay_rate = 250, 0.6
-        loss.samples_decay_every, loss.samples_decay_rate = 1000, 0.9  # release: 750 / 3000
+        loss.samples_decay_every, loss.samples_decay_rate = 1000, 0.9  # release: 1000 steps
         config.train.eval_every = 100  # The release's val_freq.
     elif variant.startswith("B/"):
         config.model.dim = 90
@@ -36,7 +43,9 @@ def get_config(variant: str = "S/8"):
         loss.samples_decay_every = 0
         config.train.eval_every = 50  # The release's val_freq for ViT-B.
     else:
-        raise ValueError(f"configs/coco.py has settings for S/* and B/* variants, not {variant!r}")
+        raise ValueError(
+            f"configs/coco.py has settings for S/* and B/* sized variants, not {variant!r}"
+        )
     loss.sampling = "fps"
     loss.pointwise = True
     return config

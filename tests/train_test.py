@@ -268,3 +268,31 @@ def test_non_finite_metrics_stop_the_run_with_a_message():
     train.check_finite(3, {"loss": np.float32(0.5)})
     with pytest.raises(FloatingPointError, match="non-finite metrics at step 7.*loss_depth"):
         train.check_finite(7, {"loss": np.float32(0.5), "loss_depth": np.float32(np.nan)})
+
+
+@pytest.mark.parametrize("variant, res", [("v2-mu/14", 56), ("v3-mu/16", 64)])
+def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant, res):
+    from PIL import Image
+
+    from depthg_jax import checkpoint, segment
+
+    config = tiny_config(
+        **{
+            "model.variant": variant,
+            "data.train_res": res,
+            "data.eval_res": res,
+            "train.num_steps": 2,
+            "train.eval_every": 2,
+        }
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["step"] == 2 and 0.0 <= results["trained"]["val/cluster_miou"] <= 1.0
+    cfg, params = checkpoint.load_export(str(tmp_path / "export"))
+    assert cfg.model.variant == variant
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((30, 50, 3), 90, np.uint8)).save(photos / "a.png")
+    written, errors = segment.segment_folder(
+        str(tmp_path / "export"), str(photos), str(tmp_path / "seg"), res=res, progress=False
+    )
+    assert written == 1 and not errors
