@@ -14,6 +14,7 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import (
     convert_state_dict,
     expected_shapes,
@@ -21,7 +22,7 @@ from depthg_jax.models.convert import (
     normalise_state_dict,
 )
 from depthg_jax.models.dinov2 import Dinov2ViT, resize_pos_embed_v2
-from depthg_jax.models.vit import VARIANTS, build_backbone, embed_dim, get_variant, patch_size
+from depthg_jax.models.vit import VARIANTS, embed_dim, get_variant, patch_size
 
 TOLERANCE = 1e-4  # fp32 parity bound asked of every family (measured: below 3e-5)
 # bf16 compute vs fp32, v2-S/14 and v2reg-S/14 (12 blocks, HF-random weights re-randomised),
@@ -290,7 +291,7 @@ def test_wrong_module_or_option_raises():
     x = jnp.zeros((1, 28, 28, 3))
     with pytest.raises(ValueError, match="'v3-mu/16' is a v3 variant"):
         Dinov2ViT("v3-mu/16").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="build it with vit.build_backbone"):
+    with pytest.raises(ValueError, match="build it with backbones.build_backbone"):
         from depthg_jax.models.vit import DinoViT
 
         DinoViT("v2-mu/14").init(jax.random.key(0), x)

@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from depthg_jax.models import convert
+from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import (
     convert_state_dict,
     expected_shapes,
@@ -16,7 +17,7 @@ from depthg_jax.models.convert import (
     normalise_state_dict,
 )
 from depthg_jax.models.dinov3 import Dinov3ViT, rope_periods
-from depthg_jax.models.vit import VARIANTS, build_backbone, embed_dim, get_variant, patch_size
+from depthg_jax.models.vit import VARIANTS, embed_dim, get_variant, patch_size
 
 TOLERANCE = 1e-4  # fp32 parity bound (measured: below 3e-5)
 # bf16 compute vs fp32, v3-S/16 (12 blocks, HF-random weights re-randomised), N(0, 1) images

@@ -262,7 +262,7 @@ def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
-    """Official-named state dict -> the "params" of ``vit.build_backbone(variant)``.
+    """Official-named state dict -> the "params" of ``backbones.build_backbone(variant)``.
 
     Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
     the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.

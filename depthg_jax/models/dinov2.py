@@ -51,7 +51,7 @@ def check_family(variant: str, family: str, module: str) -> None:
     if spec.family != family:
         raise ValueError(
             f"{module} runs DINO{family} variants; {variant!r} is a {spec.family} variant: "
-            "build it with vit.build_backbone"
+            "build it with backbones.build_backbone"
         )
 
 

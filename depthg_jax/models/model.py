@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from depthg_jax import xla
 from depthg_jax.image_ops import normalize_images, resize_bilinear
-from depthg_jax.models import head, vit
+from depthg_jax.models import backbones, head, vit
 
 PARAM_KEYS = ("backbone", "head", "cluster_probe", "linear_probe")
 TRAINABLE_KEYS = ("head", "cluster_probe", "linear_probe")
@@ -55,7 +55,7 @@ def precision_scope(name: str):
 def build_model(model_cfg, n_classes: int) -> Model:
     """The modules named by config.model (and the number of classes)."""
     return Model(
-        backbone=vit.build_backbone(model_cfg.variant, jnp.dtype(model_cfg.dtype)),
+        backbone=backbones.build_backbone(model_cfg.variant, jnp.dtype(model_cfg.dtype)),
         head=head.SegmentationHead(dim=model_cfg.dim, dropout=model_cfg.get("dropout", 0.0)),
         cluster_probe=head.ClusterProbe(n_classes=n_classes),
         linear_probe=head.LinearProbe(n_classes=n_classes),
@@ -93,7 +93,7 @@ def init_backbone(model_cfg, key: jax.Array, variant: str | None = None) -> dict
         return convert.load_backbone(model_cfg.weights, variant)
     patch = vit.patch_size(variant)
     dummy = jnp.zeros((1, 2 * patch, 2 * patch, 3), jnp.float32)
-    return jax.jit(vit.build_backbone(variant).init)(key, dummy)["params"]
+    return jax.jit(backbones.build_backbone(variant).init)(key, dummy)["params"]
 
 
 def init_trainable(model: Model, key: jax.Array) -> dict:
@@ -122,7 +122,7 @@ def compute_code(
 ) -> jax.Array:
     """uint8 (B, H, W, 3) -> code (B, H/p, W/p, dim), deterministic (no dropout)."""
     with precision_scope(matmul_precision):
-        feats = vit.build_backbone(variant, jnp.dtype(dtype)).apply(
+        feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
             {"params": params["backbone"]}, normalize_images(images)
         )
         return head.SegmentationHead(dim=dim, dropout=0.0).apply(
@@ -229,7 +229,7 @@ def init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: 
 def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: int) -> dict:
     k_vit, k_head, k_cluster, k_linear = jax.random.split(key, 4)
     images = jnp.zeros((1, res, res, 3), jnp.float32)
-    feats, bparams = vit.build_backbone(variant).init_with_output(k_vit, images)
+    feats, bparams = backbones.build_backbone(variant).init_with_output(k_vit, images)
     hparams = head.SegmentationHead(dim=dim).init(k_head, feats, deterministic=True)
     code = jnp.zeros(feats.shape[:3] + (dim,), jnp.float32)
     return {
@@ -242,7 +242,7 @@ def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res:
 
 def backbone_features(model_cfg, *, variant: str | None = None):
     """features(backbone_params, images uint8 (B,H,W,3)) -> backbone tokens (B,h,w,C)."""
-    backbone = vit.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
+    backbone = backbones.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
     precision = model_cfg.get("matmul_precision", "default")
 
     def features(backbone_params, images):

@@ -103,24 +103,6 @@ def mlp_hidden(variant: str) -> int:
     return spec.hidden or MLP_RATIO * spec.dim
 
 
-def build_backbone(variant: str, dtype=jnp.float32) -> nn.Module:
-    """The backbone module of any variant: DinoViT, Dinov2ViT or Dinov3ViT.
-
-    All three take ImageNet-normalised (B, H, W, 3) images and return (B, H/p, W/p, C)
-    float32 patch features after the final norm (CLS and register tokens dropped).
-    """
-    kind = family(variant)
-    if kind == "v2":
-        from depthg_jax.models.dinov2 import Dinov2ViT
-
-        return Dinov2ViT(variant=variant, dtype=dtype)
-    if kind == "v3":
-        from depthg_jax.models.dinov3 import Dinov3ViT
-
-        return Dinov3ViT(variant=variant, dtype=dtype)
-    return DinoViT(variant=variant, dtype=dtype)
-
-
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
     """PyTorch's 4-tap cubic convolution weights (A=-0.75) for fractional offsets t, float32."""
     a = np.float32(TORCH_CUBIC_A)
@@ -293,7 +275,7 @@ class DinoViT(nn.Module):
         if spec.family != "v1":
             raise ValueError(
                 f"DinoViT runs DINO v1 variants; {self.variant!r} is a DINO{spec.family} variant: "
-                "build it with vit.build_backbone"
+                "build it with backbones.build_backbone"
             )
         gh, gw = check_images(images, spec.patch)
         b = images.shape[0]
