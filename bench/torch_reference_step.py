@@ -283,8 +283,8 @@ def depth_term(code_s: torch.Tensor, depth: torch.Tensor, shift: float) -> torch
 
 
 # Released COCO-Stuff ViT-S/8 weights and shifts (docs/settings.md) and its decays, the intervals in
-# the release's units (global_step = 3 x batch): depth every 750 (250 batches) x0.6, FPS
-# sample count every 3000 (1000 batches) x0.9, floored at fps_min_samples 0 (0: no decay).
+# the release's units (global_step = 3 x batch): depth every 250 (250 batches) x0.6, FPS
+# sample count every 1000 (1000 batches) x0.9, floored at fps_min_samples 0 (0: no decay).
 LOSS = dict(
     intra=(0.58, 0.07),
     inter=(0.36, 0.025),
@@ -292,9 +292,9 @@ LOSS = dict(
     depth=(0.19, 0.03),
     neg_samples=5,
     pointwise=True,
-    decay_every_steps=750,
+    decay_every_steps=250,
     depth_loss_decay_factor=0.6,
-    fps_sample_decay_every_steps=3000,
+    fps_sample_decay_every_steps=1000,
     fps_sample_decay_factor=0.9,
     fps_min_samples=0,
 )

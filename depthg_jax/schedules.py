@@ -4,8 +4,9 @@
 configured them in its own units, Lightning's global_step, which is 3·b at batch b (three
 optimisers under manual optimisation), and fired a decay when `global_step % N == 0`.
 Since 3·b % N == 0 exactly when b % M == 0 with M = N / gcd(3, N), a released interval N
-is M batches here: COCO ViT-S 750 -> 250 (depth), 3000 -> 1000 (samples); COCO ViT-B
-300 -> 100; Cityscapes 1200 -> 400. (An N not divisible by 3 fires every N batches.)
+is M batches here. The release's reproduction script sets N = 250 (COCO ViT-S depth; M =
+250), 1000 (S decay; M = 1000), 300 (COCO ViT-B depth; M = 100) and 400 (Cityscapes; M = 400):
+docs/settings.md#release-units.
 
 Two timings, selected by `mode`:
 

@@ -118,7 +118,7 @@ def reference_depth(model_dir: Path, image_path: Path) -> np.ndarray:
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
-    rc = depth_cmd.main([*argv, "--no-progress"])
+    rc = depth_cmd.main([*argv, "--noprogress"])
     return rc, capsys.readouterr().err
 
 
@@ -226,7 +226,7 @@ def test_infer_nearest_is_per_model_type():
     assert depth_cmd.infer_nearest_is(transformers.DPTConfig()) == "large"  # MiDaS.
     assert depth_cmd.infer_nearest_is(transformers.ZoeDepthConfig()) == "small"
     assert depth_cmd.infer_nearest_is(transformers.GLPNConfig()) == "small"
-    with pytest.raises(depth_cmd.DepthGenError, match="--nearest-is"):
+    with pytest.raises(depth_cmd.DepthGenError, match="--nearest_is"):
         depth_cmd.infer_nearest_is(transformers.BertConfig())
 
 
@@ -263,7 +263,7 @@ def test_generates_every_map_at_image_size_and_reruns_as_noop(tiny_model_dir, tm
     rels = write_directory_dataset(tmp_path)
     images, out = tmp_path / "images", tmp_path / "depth"
     before = hash_tree(images)
-    argv = [f"--images={images}", f"--out={out}", f"--model={tiny_model_dir}", "--batch-size=2"]
+    argv = [f"--images={images}", f"--out={out}", f"--model={tiny_model_dir}", "--batch_size=2"]
     rc, err = run_main(argv, capsys)
     assert rc == 0, err
     assert "written 5, skipped 0 (already present), failed 0" in err
@@ -369,7 +369,7 @@ def test_killed_process_resumes(tiny_model, tiny_model_dir, tmp_path):
     images, out = tmp_path / "images", tmp_path / "depth"
     before = hash_tree(images)
     cmd = [sys.executable, "-m", "depthg_jax.data.depth", f"--images={images}", f"--out={out}"]
-    cmd += [f"--model={tiny_model_dir}", "--batch-size=1", "--device=cpu", "--no-progress"]
+    cmd += [f"--model={tiny_model_dir}", "--batch_size=1", "--device=cpu", "--noprogress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not any(out.rglob("*_zoedepth.png")) and time.monotonic() < deadline:

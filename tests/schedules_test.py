@@ -28,12 +28,12 @@ NUM_BATCHES = 2334  # the released max_steps 7000 / 3 optimisers
 
 # (name, initial (λ_d, b_d), release N, rate): docs/settings.md.
 DEPTH_RUNS = [
-    ("coco_s8", (0.19, 0.03), 750, 0.6),
+    ("coco_s8", (0.19, 0.03), 250, 0.6),
     ("coco_b8", (0.16026274975444096, 0.035909146298813595), 300, 0.64),
-    ("cityscapes_b8", (0.09, 0.03), 1200, 0.8),
+    ("cityscapes_b8", (0.09, 0.03), 400, 0.8),
 ]
 # (name, initial S, release N (0: no decay), rate).
-SAMPLE_RUNS = [("coco_s8", 11, 3000, 0.9), ("coco_b8", 12, 0, 1.0)]
+SAMPLE_RUNS = [("coco_s8", 11, 1000, 0.9), ("coco_b8", 12, 0, 1.0)]
 
 
 def released_values(num_batches, initial, n_release, update, skip_zero, mode):
@@ -59,13 +59,14 @@ def in_batches(n_release):
 
 
 def test_release_units_convert_to_the_batch_intervals_of_the_configs():
-    assert in_batches(750) == 250 == coco.get_config("S/8").loss.depth_decay_every
-    assert in_batches(3000) == 1000 == coco.get_config("S/8").loss.samples_decay_every
+    # The release's reproduction script: decay_every_steps and fps_sample_decay_every_steps.
+    assert in_batches(250) == 250 == coco.get_config("S/8").loss.depth_decay_every
+    assert in_batches(1000) == 1000 == coco.get_config("S/8").loss.samples_decay_every
     assert in_batches(300) == 100 == coco.get_config("B/8").loss.depth_decay_every
     assert coco.get_config("B/8").loss.samples_decay_every == 0
-    assert in_batches(1200) == 400 == cityscapes.get_config().loss.depth_decay_every
+    assert in_batches(400) == 400 == cityscapes.get_config().loss.depth_decay_every
     assert cityscapes.get_config().loss.samples_decay_every == 0
-    assert in_batches(1000) == 1000  # an N not divisible by 3 fires every N batches
+    assert in_batches(750) == 250  # an N divisible by 3 fires every N / 3 batches
 
 
 @pytest.mark.parametrize("mode", ["reference", "corrected"])

@@ -33,9 +33,9 @@ Depth Anything V2 Small; `Intel/zoedepth-nyu` for the release's maps. Any transf
 depth-estimation model works (Depth Anything, DPT/MiDaS, ZoeDepth, GLPN, Depth Pro).
 `--flip_tta` also runs each image mirrored left-right and averages the prediction with the
 mirrored-back prediction of the mirrored image (ZoeDepth's `infer(with_flip_aug=True)`).
-`--batch-size` images per forward pass (default 8).
+`--batch_size` images per forward pass (default 8).
 `--format` png8 (default, what DepthG trains on), png16 or npy. `--device` auto (GPU if
-present), cpu or cuda. `--nearest-is` overrides which end of the model's output is near.
+present), cpu or cuda. `--nearest_is` overrides which end of the model's output is near.
 
 Output files (see `depth_io`): png8 `<id>_zoedepth.png`, uint8, per-image min-max normalised,
 floor(x·255), 0 = nearest; png16 `<id>_zoedepth_16.png`, the same ×65535; npy `<id>_depth.npy`,
@@ -58,7 +58,6 @@ the exit code is 1 if anything failed (2 for bad arguments or an unloadable mode
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import os
@@ -71,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
 from depthg_jax.data import depth_io
@@ -148,7 +148,7 @@ def infer_nearest_is(config: Any) -> NearestIs:
         return "small"
     raise DepthGenError(
         f"cannot tell whether model type {model_type!r} predicts depth or inverse depth; "
-        "pass --nearest-is=small (depth, large = far) or --nearest-is=large (disparity)"
+        "pass --nearest_is=small (depth, large = far) or --nearest_is=large (disparity)"
     )
 
 
@@ -410,7 +410,7 @@ def generate_depth(
     if fmt not in depth_io.FORMATS:
         raise DepthGenError(f"--format={fmt}: expected one of {', '.join(depth_io.FORMATS)}")
     if batch_size < 1:
-        raise DepthGenError(f"--batch-size={batch_size}: must be at least 1")
+        raise DepthGenError(f"--batch_size={batch_size}: must be at least 1")
     images_dir, out_dir = Path(images_dir).expanduser(), Path(out_dir).expanduser()
     check_locations(images_dir, out_dir)
     todo, done = plan_outputs(images_dir, out_dir, fmt)
@@ -493,50 +493,45 @@ def report(summary: Summary) -> None:
         print(f"  failed: {rel}: {why}", file=sys.stderr)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def define_flags(fv: flags.FlagValues) -> None:
     """The command-line flags (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m depthg_jax.data.depth",
-        description="Write a monocular depth map for every image of a folder (resumable).",
+    flags.DEFINE_string("images", None, "Folder of input images (walked).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder, mirrors --images' tree.", flag_values=fv)
+    flags.DEFINE_string("model", DEFAULT_MODEL, "Hub name or local folder.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", flag_values=fv)
+    flags.DEFINE_enum("format", "png8", list(depth_io.FORMATS), "Output format.", flag_values=fv)
+    flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Torch device.", flag_values=fv)
+    flags.DEFINE_enum(
+        "nearest_is",
+        None,
+        ["small", "large"],
+        "Override: which end of the model's raw output is near (default: from the model).",
+        flag_values=fv,
     )
-    parser.add_argument("--images", required=True, help="folder of input images (walked)")
-    parser.add_argument("--out", required=True, help="output folder, mirrors --images' tree")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub name or local folder")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--format", default="png8", choices=depth_io.FORMATS)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument(
-        "--nearest-is",
-        default=None,
-        choices=("small", "large"),
-        help="override: which end of the model's raw output is near (default: from the model)",
+    flags.DEFINE_bool(
+        "flip_tta",
+        False,
+        "Average with the mirrored-back prediction of the mirrored image (the release: "
+        f"--model={RELEASE_MODEL} --flip_tta).",
+        flag_values=fv,
     )
-    parser.add_argument(
-        "--flip_tta",
-        "--flip-tta",
-        dest="flip_tta",
-        action="store_true",
-        help="average with the mirrored-back prediction of the mirrored image (the release: "
-        f"--model={RELEASE_MODEL} --flip_tta)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    flags.DEFINE_bool("progress", True, "Show the progress bar.", flag_values=fv)
+    flags.mark_flags_as_required(["images", "out"], flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(fv: flags.FlagValues) -> int:
     """Runs the command; returns 0 (all written or present), 1 (some images failed) or 2."""
-    args = parse_args(argv)
     try:
         summary = generate_depth(
-            args.images,
-            args.out,
-            args.model,
-            fmt=args.format,
-            batch_size=args.batch_size,
-            device=args.device,
-            nearest_is=args.nearest_is,
-            flip_tta=args.flip_tta,
-            progress=not args.no_progress,
+            fv.images,
+            fv.out,
+            fv.model,
+            fmt=fv.format,
+            batch_size=fv.batch_size,
+            device=fv.device,
+            nearest_is=fv.nearest_is,
+            flip_tta=fv.flip_tta,
+            progress=fv.progress,
         )
     except DepthGenError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -545,5 +540,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if summary.failed else 0
 
 
+def main(argv: Sequence[str]) -> int:
+    """Parses argv (without the program name) with this command's own flags and runs it."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        fv(["python -m depthg_jax.data.depth", *argv])
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(fv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -11,7 +11,6 @@ Nothing is written unless everything succeeds (we build in a temp dir and rename
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from depthg_jax.models import convert_v2v3
 from depthg_jax.models.pth import load_pth
@@ -375,25 +375,42 @@ def download_official(variant: str, cache_dir: str | os.PathLike | None = None) 
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", required=True, help=f"one of {sorted(VARIANTS)}")
-    parser.add_argument("--weights", help="weight file; default: download the official one")
-    parser.add_argument("--out", required=True, help="output directory (must not exist)")
-    args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("variant", None, f"One of {sorted(VARIANTS)}.", flag_values=fv)
+    flags.DEFINE_string(
+        "weights", None, "Weight file (default: download the official one).", flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "Output directory (must not exist).", flag_values=fv)
+    flags.mark_flags_as_required(["variant", "out"], flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+    """Converts as the flags say; returns 0, or 1 with an error message on bad input."""
     try:
-        get_variant(args.variant)
-        if Path(args.out).exists():
-            raise FileExistsError(f"output {args.out} already exists; choose a new --out")
-        weights = Path(args.weights) if args.weights else download_official(args.variant)
-        params = convert_state_dict(load_state_dict(weights), args.variant)
-        save_backbone(params, args.variant, args.out, source=str(weights))
+        get_variant(fv.variant)
+        if Path(fv.out).exists():
+            raise FileExistsError(f"output {fv.out} already exists; choose a new --out")
+        weights = Path(fv.weights) if fv.weights else download_official(fv.variant)
+        params = convert_state_dict(load_state_dict(weights), fv.variant)
+        save_backbone(params, fv.variant, fv.out, source=str(weights))
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(int(np.prod(v.shape)) for v in _leaves(params))
-    print(f"wrote {args.variant} backbone ({n} parameters) from {weights} to {args.out}")
+    print(f"wrote {fv.variant} backbone ({n} parameters) from {weights} to {fv.out}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Parses argv (without the program name) with this command's own flags and runs it."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        fv(["python -m depthg_jax.models.convert", *argv])
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return run(fv)
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:
@@ -403,4 +420,4 @@ def _leaves(tree: Any) -> list[np.ndarray]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
