@@ -12,7 +12,6 @@ Nothing is written unless everything succeeds (we build in a temp dir and rename
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from depthg_jax.models import convert_v2v3
+from depthg_jax.models import convert_v2v3, state_dicts
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
 
@@ -235,30 +234,8 @@ def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
             f"depth {spec.depth}): they hold patch {arch['patch']}, dim {arch['dim']}, depth "
             f"{arch['depth']}" + (f", i.e. variant {guess!r}" if guess else "")
         )
-    pos = state.get("pos_embed")
-    n = pos.shape[1] - 1 if pos is not None and pos.ndim == 3 else 0
-    if pos is not None and math.isqrt(n) ** 2 != n:
-        raise ValueError(f"pos_embed has shape {pos.shape}: {n} positions is not a square grid")
-    shapes = expected_shapes(variant, n)
-    unknown = sorted(set(state) - set(shapes))
-    missing = sorted(set(shapes) - set(state))
-    if unknown or missing:
-        raise ValueError(
-            f"state dict does not fit variant {variant!r}: unknown keys {unknown}, "
-            f"missing keys {missing}"
-        )
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(
-                f"{key}: expected shape {shape} for variant {variant!r}, got "
-                f"{tuple(state[key].shape)}"
-            )
-
-
-def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
+    n = state_dicts.num_positions(state)
+    state_dicts.check_against_shapes(state, expected_shapes(variant, n), variant)
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
@@ -274,25 +251,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[
         return convert_v2v3.convert_state_dict_v2v3(state_dict, variant)
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     _check_keys_and_shapes(state, variant)
-    params: dict[str, Any] = {}
-    for key, value in state.items():
-        value = value.astype(np.float32)
-        if key in ("cls_token", "pos_embed"):
-            _set(params, [key], value)
-            continue
-        parts = key.split(".")
-        module, leaf = parts[:-1], parts[-1]
-        if module[0] == "blocks":
-            module = [f"blocks_{module[1]}", *module[2:]]
-        if key == "patch_embed.proj.weight":
-            _set(params, [*module, "kernel"], value.transpose(2, 3, 1, 0))
-        elif leaf == "weight" and value.ndim == 2:
-            _set(params, [*module, "kernel"], value.T.copy())
-        elif leaf == "weight":  # LayerNorm
-            _set(params, [*module, "scale"], value)
-        else:
-            _set(params, [*module, "bias"], value)
-    return params
+    return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"))
 
 
 # ----------------------------------------------------------------------------- checkpoints

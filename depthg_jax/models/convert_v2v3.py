@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from depthg_jax.models import state_dicts
 from depthg_jax.models.vit import VARIANTS, get_variant, mlp_hidden
 
 FAMILY_NAMES = {"v1": "DINO (v1)", "v2": "DINOv2", "v3": "DINOv3"}
@@ -321,30 +322,8 @@ def _check_optional_v3(state: dict[str, np.ndarray], variant: str) -> dict[str, 
 
 def check_keys_and_shapes_v2v3(state: dict[str, np.ndarray], variant: str) -> None:
     check_matches_variant(state, variant)
-    pos = state.get("pos_embed")
-    n = pos.shape[1] - 1 if pos is not None and pos.ndim == 3 else 0
-    if pos is not None and int(np.sqrt(n)) ** 2 != n:
-        raise ValueError(f"pos_embed has shape {pos.shape}: {n} positions is not a square grid")
-    shapes = expected_shapes_v2v3(variant, n)
-    unknown = sorted(set(state) - set(shapes))
-    missing = sorted(set(shapes) - set(state))
-    if unknown or missing:
-        raise ValueError(
-            f"state dict does not fit variant {variant!r}: unknown keys {unknown}, "
-            f"missing keys {missing}"
-        )
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(
-                f"{key}: expected shape {shape} for variant {variant!r}, got "
-                f"{tuple(state[key].shape)}"
-            )
-
-
-def _set(tree: dict, path: list[str], value: np.ndarray) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
+    n = state_dicts.num_positions(state)
+    state_dicts.check_against_shapes(state, expected_shapes_v2v3(variant, n), variant)
 
 
 _TOKENS = ("cls_token", "pos_embed", "mask_token", "register_tokens", "storage_tokens")
@@ -361,22 +340,4 @@ def convert_state_dict_v2v3(state_dict: dict[str, np.ndarray], variant: str) -> 
     if get_variant(variant).family == "v3":
         state = _check_optional_v3(state, variant)
     check_keys_and_shapes_v2v3(state, variant)
-    params: dict[str, Any] = {}
-    for key, value in state.items():
-        value = value.astype(np.float32)
-        if key in _TOKENS:
-            _set(params, [key], value)
-            continue
-        parts = key.split(".")
-        module, leaf = parts[:-1], parts[-1]
-        if module[0] == "blocks":
-            module = [f"blocks_{module[1]}", *module[2:]]
-        if key == "patch_embed.proj.weight":
-            _set(params, [*module, "kernel"], value.transpose(2, 3, 1, 0))
-        elif leaf == "weight" and value.ndim == 2:
-            _set(params, [*module, "kernel"], value.T.copy())
-        elif leaf == "weight":  # LayerNorm
-            _set(params, [*module, "scale"], value)
-        else:  # bias, LayerScale gamma
-            _set(params, [*module, leaf], value)
-    return params
+    return state_dicts.to_flax_params(state, tokens=_TOKENS)

@@ -19,8 +19,6 @@ with ``dinov3.py``.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,6 +34,7 @@ from depthg_jax.models.vit import (
     check_images,
     get_variant,
     mlp_hidden,
+    stored_grid,
 )
 
 # The hub models are trained at 518 px: a 37 x 37 stored position grid.
@@ -109,12 +108,7 @@ def resize_pos_embed_v2(
     one; the CLS embedding is never resized. ``registers`` selects the register models'
     antialiased resize; ``mode`` the no-register models' reference (see the module doc).
     """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, 1+g0*g0, C), got shape {pos_embed.shape}")
-    n = pos_embed.shape[1] - 1
-    g0 = math.isqrt(n)
-    if g0 * g0 != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    g0 = stored_grid(pos_embed)
     gh, gw = grid_hw
     if (gh, gw) == (g0, g0):
         return pos_embed

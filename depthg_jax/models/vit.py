@@ -137,6 +137,17 @@ def bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarr
     return matrix.astype(np.float32)
 
 
+def stored_grid(pos_embed: jax.Array) -> int:
+    """Side g0 of the square patch grid of position embeddings (1, 1+g0*g0, C)."""
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must be (1, 1+g0*g0, C), got shape {pos_embed.shape}")
+    n = pos_embed.shape[1] - 1
+    g0 = math.isqrt(n)
+    if g0 * g0 != n:
+        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    return g0
+
+
 def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
     """Resizes DINO position embeddings (1, 1+g0*g0, C) to a (gh, gw) grid, as DINO does.
 
@@ -144,12 +155,7 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
     scale_factor (g + 0.1) / g0 per axis and align_corners False; the output grid is g.
     The CLS embedding is kept unchanged. Returns (1, 1+gh*gw, C).
     """
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed must be (1, 1+g0*g0, C), got shape {pos_embed.shape}")
-    n = pos_embed.shape[1] - 1
-    g0 = math.isqrt(n)
-    if g0 * g0 != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+    g0 = stored_grid(pos_embed)
     gh, gw = grid_hw
     if (gh, gw) == (g0, g0):
         return pos_embed
