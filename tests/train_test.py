@@ -296,3 +296,13 @@ def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant,
         str(tmp_path / "export"), str(photos), str(tmp_path / "seg"), res=res, progress=False
     )
     assert written == 1 and not errors
+
+
+def test_export_best_without_a_validated_checkpoint_says_so(tmp_path):
+    from depthg_jax import export
+
+    train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
+    assert not (tmp_path / "export_best").exists()  # nothing validated in training
+    with pytest.raises(FileNotFoundError, match="no validated checkpoint to pick the best from"):
+        export.export_run(str(tmp_path), str(tmp_path / "best"), best=True)
+    assert export.export_run(str(tmp_path), str(tmp_path / "latest")) == 2
