@@ -20,7 +20,7 @@ def get_config(variant: str = "S/8"):
         patch = int(size.split("/")[1])
         config.data.train_res = 224  # 16x16 (patch 14) or 14x14 (patch 16) feature grid
         config.data.eval_res = 322 if patch == 14 else 320
-        variant = "S/8" if size.startswith("S/") else "B/8"  # take that size's v1 settings
+        variant = "S/8" if size.startswith("S") else "B/8"  # S, S+: ViT-S/8 settings; else B/8
     if variant.startswith("S/"):
         config.model.dim = 70
         loss.feature_samples = 11

@@ -510,6 +510,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     results["best"] = _export(config, workdir, state, backbone_params, manager, final)
     distributed.sync("export")
+    if jax.process_index() == 0:
+        for name in ("export", "export_best"):
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                print(reports.describe_checkpoint(path, checkpoint.load_selection(path)))
     return results
 
 
