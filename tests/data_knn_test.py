@@ -124,3 +124,27 @@ def test_knn_feature_dropout_is_the_release_s_seeded_channel_dropout():
     assert np.any(first == 0) and not np.allclose(first, second)  # a fresh mask per batch
     with pytest.raises(ValueError, match="dropout_key"):
         knn.make_sharded_feature_fn(identity, {}, dropout=0.1)
+
+
+def test_the_knn_command_uses_the_trainer_s_backbone_on_imagenet_normalised_crops(tmp_path):
+    """The table `make_knn_table` writes equals brute force over a plain DinoViT apply of the
+    normalised train crops with the backbone the trainer seeds (normalised exactly once)."""
+    import jax
+
+    from depthg_jax import config as config_lib
+    from depthg_jax import seeds
+    from depthg_jax.data.transforms import resize_center_crop
+    from depthg_jax.image_ops import normalize_images
+    from depthg_jax.models import model as model_lib
+    from depthg_jax.models.vit import DinoViT
+
+    src = make_dataset(str(tmp_path), 10, h=16, w=24)
+    config = config_lib.get_config()
+    config.model.variant, config.model.allow_random_backbone = "mu/8", True
+    config.data.name, config.data.root, config.data.train_res = "directory", str(tmp_path), 16
+    path = knn.make_knn_table(config, per_device_batch=1, k=4)
+    params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0])
+    crops = np.stack([resize_center_crop(src[i], 16)["image"] for i in range(10)])
+    feats = jax.jit(DinoViT("mu/8").apply)({"params": params}, normalize_images(crops))
+    expected = brute_force_knn(np.asarray(feats).mean((1, 2)), 4)
+    np.testing.assert_array_equal(knn.load_knn_table(path, src.ids), expected)

@@ -303,7 +303,7 @@ def make_knn_table(
     params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0], variant)
     dropout = float(data_cfg.get("knn_dropout", 0.0))
     feature_fn = make_sharded_feature_fn(
-        model_lib.backbone_features(config.model, variant=variant),
+        model_lib.backbone_features(config.model, variant=variant, normalize=False),
         params,
         dropout=dropout,
         dropout_key=seeds.knn_dropout_key(config.seed) if dropout else None,

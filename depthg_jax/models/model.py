@@ -240,13 +240,18 @@ def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res:
     }
 
 
-def backbone_features(model_cfg, *, variant: str | None = None):
-    """features(backbone_params, images uint8 (B,H,W,3)) -> backbone tokens (B,h,w,C)."""
+def backbone_features(model_cfg, *, variant: str | None = None, normalize: bool = True):
+    """features(backbone_params, images (B,H,W,3)) -> backbone tokens (B,h,w,C).
+
+    normalize: the images are uint8 and get the ImageNet normalisation here; False: they
+    already have it (the KNN command's batches).
+    """
     backbone = backbones.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
     precision = model_cfg.get("matmul_precision", "default")
 
     def features(backbone_params, images):
+        x = normalize_images(images) if normalize else images
         with precision_scope(precision):
-            return backbone.apply({"params": backbone_params}, normalize_images(images))
+            return backbone.apply({"params": backbone_params}, x)
 
     return features
