@@ -210,6 +210,31 @@ def config_changes(saved: dict, current: dict, defaults: dict | None = None):
     return refused, allowed
 
 
+def _saved_workdir(saved: dict) -> str | None:
+    """Where a saved run's workdir was: the parent of its generated synthetic data, if any."""
+    data = saved.get("data", {})
+    root = str(data.get("root", ""))
+    if data.get("name") == "synthetic" and os.path.basename(root) == "synthetic_data":
+        return os.path.dirname(root)
+    return None
+
+
+def _under_workdir(tree: dict, workdir: str | None) -> dict:
+    """Paths below the workdir written relative to it, so a moved workdir still resumes."""
+    if not workdir:
+        return tree
+    prefix = workdir.rstrip("/") + "/"
+
+    def rel(value):
+        if isinstance(value, dict):
+            return {k: rel(v) for k, v in value.items()}
+        if isinstance(value, str) and value.startswith(prefix):
+            return "<workdir>/" + value[len(prefix) :]
+        return value
+
+    return rel(tree)
+
+
 def has_checkpoints(workdir: str) -> bool:
     directory = os.path.join(workdir, "checkpoints")
     return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
@@ -255,7 +280,10 @@ def guard_resume(config: ml_collections.ConfigDict, workdir: str) -> str:
         with open(saved_file) as f:
             saved = json.load(f)
         defaults = config_lib.get_config().to_dict()
-        refused, allowed = config_changes(saved, config.to_dict(), defaults)
+        current = _under_workdir(config.to_dict(), workdir)
+        refused, allowed = config_changes(
+            _under_workdir(saved, _saved_workdir(saved)), current, defaults
+        )
         if refused:
             listed = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, a, b in refused)
             raise WorkdirError(
