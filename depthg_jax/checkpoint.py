@@ -314,12 +314,16 @@ def replace_export(
 
 
 def _remove_abandoned_exports(parent: str) -> None:
-    """Removes `.export-<pid>-*` folders beside a new export whose writer no longer runs."""
+    """Removes the temporary folders of killed export writers beside a new export:
+    `.export-<pid>-*` (save_export) and `.<name>.new-<pid>` (replace_export)."""
     for name in os.listdir(parent):
-        parts = name.split("-")
-        if not name.startswith(".export-") or len(parts) < 3 or not parts[1].isdigit():
+        if name.startswith(".export-"):
+            pid = name.split("-")[1]
+        elif name.startswith(".") and ".new-" in name:
+            pid = name.rsplit(".new-", 1)[1]
+        else:
             continue
-        if not files.pid_alive(int(parts[1])):
+        if pid.isdigit() and not files.pid_alive(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 

@@ -260,13 +260,16 @@ def guard_resume(config: ml_collections.ConfigDict, workdir: str) -> str:
     Returns "resume", "new" or "restart". Writes nothing unless it returns "restart" (old run
     files moved aside) or records allowed changes in resumes.jsonl (on "resume").
     """
+    import jax
+
     from depthg_jax import config as config_lib
 
     workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0  # the workdir is shared: one process moves and records
     restart = bool(config.train.get("restart", False))
     present = [n for n in RUN_FILES if os.path.exists(os.path.join(workdir, n))]
     if restart:
-        if present:
+        if present and primary:
             target = move_aside(workdir, present)
             print(f"train.restart: moved the previous run's files to {target}", flush=True)
         return "restart"
@@ -291,7 +294,7 @@ def guard_resume(config: ml_collections.ConfigDict, workdir: str) -> str:
                 f"{listed}. Resume with the run's values, use another --workdir, or set "
                 "--config.train.restart=True to start over (the old files are kept aside)"
             )
-        if allowed:
+        if allowed and primary:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in allowed)
             print(f"Resuming with changed settings: {listed}", flush=True)
             record = {"time": time.time(), "changes": {k: [a, b] for k, a, b in allowed}}

@@ -376,6 +376,29 @@ def test_a_signal_at_start_exits_zero_with_a_message(run_dir, tmp_path, sig):
     assert not (wd / workdir.LOCK_FILE).exists()
 
 
+def test_ctrl_c_mid_run_saves_a_sealed_checkpoint_and_returns(run_dir, tmp_path, monkeypatch):
+    make = train.make_train_step
+
+    def interrupting(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def step(state, *a, **k):
+            if int(state.step) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the second step
+            return step_fn(state, *a, **k)
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", interrupting)
+    config = tiny_config(**{"data.root": str(run_dir / "synthetic_data"),
+                            "train.checkpoint_every": 10})  # fmt: skip
+    wd = tmp_path / "w"
+    assert train.train_and_evaluate(config, str(wd)) == {"preempted_at": 2}
+    assert os.listdir(wd / "checkpoints") == ["2"]
+    assert integrity.verify_manifest(str(wd / "checkpoints" / "2")) > 0
+    assert not (wd / workdir.LOCK_FILE).exists()
+
+
 def test_second_ctrl_c_exits_at_once():
     with Preemption() as p:
         os.kill(os.getpid(), signal.SIGINT)
@@ -483,6 +506,7 @@ def test_a_killed_exports_empty_folder_is_removed_by_the_next_export(run_dir, tm
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / f".export-{dead.pid}-abc").mkdir()  # what a SIGKILLed export leaves
+    (tmp_path / f".export.new-{dead.pid}").mkdir()  # a SIGKILLed replace_export
     live = tmp_path / f".export-{os.getppid()}-xyz"
     live.mkdir()  # another writer still running: left alone
     config, params = checkpoint.load_export(str(run_dir / "export"))

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from depthg_jax import files
 from depthg_jax.models import convert_v2v3
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
@@ -328,6 +329,7 @@ def save_backbone(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o777 & ~files.current_umask())  # mkdtemp makes 0700; follow the umask
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
