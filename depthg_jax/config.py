@@ -128,6 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.image_every = 500  # PNG summaries (image | depth | cluster | label).
     config.train.report_baselines = False  # Also score the untrained head and k-means (demo).
+    # Start over in a workdir that holds a run: its files move to <workdir>/previous-<time>/.
+    config.train.restart = False
 
     # --- Evaluation ----------------------------------------------------------------------
     config.eval = ml_collections.ConfigDict()

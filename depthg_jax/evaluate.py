@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -250,6 +251,9 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
 
     Returns (results, class names, written paths, the export's selection record or None).
     """
+    out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
+    if jax.process_index() == 0:
+        check_writable(out_dir)  # before minutes of evaluation, not after
     config, params = checkpoint.load_export(checkpoint_dir)
     selection = checkpoint.load_selection(checkpoint_dir)
     if config_override is not None:
@@ -279,9 +283,26 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     )
     results["checkpoint"] = selection
     names = palette.class_names(eval_data.name, config.data.n_classes)
-    out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
-    paths = reports.write_report(results, names, out_dir) if jax.process_index() == 0 else {}
+    paths = {}
+    if jax.process_index() == 0:
+        try:
+            paths = reports.write_report(results, names, out_dir)
+        except OSError as e:
+            # The scores are never lost: print them, then fail on the report.
+            print(reports.format_table(results), flush=True)
+            raise OSError(e.errno, f"could not write the report to {out_dir} ({e}); the "
+                          "scores are printed above") from e  # fmt: skip
     return results, names, paths, selection
+
+
+def check_writable(out_dir: str) -> None:
+    """Creates out_dir and writes a probe file there; OSError naming the folder otherwise."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"--out={out_dir} is not writable ({e.strerror})") from e
 
 
 def main(argv):
@@ -295,7 +316,7 @@ def main(argv):
         results, names, paths, selection = run(
             FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:

@@ -1,5 +1,8 @@
 """Export a training run: `python -m depthg_jax.export --workdir=W --out=DIR [--step=N|--best]`.
 
+`python -m depthg_jax.export --verify=DIR` checks an export, or a training checkpoint step
+(W/checkpoints/N), against its manifest of checksums and names any altered or missing file.
+
 Writes a self-contained inference checkpoint (backbone + head + probes + config) from the
 latest (or `--step`, or the best validated) training checkpoint in W, loading the backbone the
 run's config names.
@@ -64,9 +67,29 @@ def export_run(workdir: str, out: str, step: int | None = None, *, best: bool = 
     return step
 
 
+def verify(directory: str) -> str:
+    """Verifies an export or checkpoint step directory; returns a one-line account."""
+    from depthg_jax import integrity
+
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        n = checkpoint.verify_export(directory)
+        return f"{directory}: export intact ({n} files match their checksums)"
+    n = integrity.verify_manifest(directory)
+    return f"{directory}: intact ({n} files match their checksums)"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.verify:
+        try:
+            print(verify(FLAGS.verify))
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    if not FLAGS.workdir or not FLAGS.out:
+        raise app.UsageError("--workdir and --out are required (or --verify=DIR)")
     try:
         step = export_run(FLAGS.workdir, FLAGS.out, FLAGS.step, best=FLAGS.best)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
@@ -80,5 +103,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Directory to create (must not exist).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_bool("best", False, "Export the best validated checkpoint (train.best_metric).")
-    flags.mark_flags_as_required(["workdir", "out"])
+    flags.DEFINE_string("verify", None, "Only check this export or checkpoint step directory.")
     app.run(main)

@@ -10,6 +10,8 @@ image, under --out, mirroring the input folders:
   labels/<name>.png   class (or cluster) id per pixel, 8-bit grey
   color/<name>.png    the ids coloured with the dataset's colour map (a fixed palette otherwise)
   overlay/<name>.png  the image and the colour mask blended over it, side by side
+<name> is the image's stem, or its whole name (a.jpg.png) when two inputs share a stem.
+--out inside --images is refused.
 Files are written to a temporary name and renamed, so none is ever half-written. Unreadable
 images are reported and skipped; the exit status is then 1.
 
@@ -20,6 +22,7 @@ their Hungarian-matched class (else clusters get the palette by id).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,9 +136,40 @@ class Segmenter:
             self.pool.shutdown()
 
 
-def write_outputs(out: Path, rel: Path, image: np.ndarray, ids: np.ndarray, colours) -> None:
+def output_names(rels: list[Path]) -> dict[Path, Path]:
+    """Output name (under labels/, color/, overlay/) of each input: <stem>.png, or
+    <name>.png (suffix kept, e.g. a.jpg.png) for inputs that share a stem, so none overwrites
+    another. Raises SegmentError if two inputs would still share one."""
+    stems: dict[Path, list[Path]] = {}
+    for rel in rels:
+        stems.setdefault(rel.with_suffix(".png"), []).append(rel)
+    names = {}
+    for name, group in stems.items():
+        for rel in group:
+            names[rel] = name if len(group) == 1 else rel.with_name(rel.name + ".png")
+    claimed: dict[Path, list[Path]] = {}
+    for rel, name in names.items():
+        claimed.setdefault(name, []).append(rel)
+    clashes = {str(n): [str(r) for r in rs] for n, rs in claimed.items() if len(rs) > 1}
+    if clashes:
+        raise SegmentError(f"inputs would overwrite each other's outputs: {clashes}; rename them")
+    return names
 
-    name = rel.with_suffix(".png")
+
+def check_out_dir(images_dir: str, out_dir: str) -> None:
+    """--out inside --images is refused: the next run would segment its own outputs."""
+    if Path(os.path.realpath(out_dir)).is_relative_to(os.path.realpath(images_dir)):
+        raise SegmentError(
+            f"--out={out_dir} lies inside --images={images_dir}: the outputs would be read as "
+            "inputs next time; choose a folder outside it"
+        )
+
+
+def write_outputs(
+    out: Path, rel: Path, image: np.ndarray, ids: np.ndarray, colours, name: Path | None = None
+) -> None:
+    """Writes labels/, color/ and overlay/ pictures of one image (name: its output name)."""
+    name = name or rel.with_suffix(".png")
     colour = palette.colorize(ids, colours)
     files.save_image_atomic(out / "labels" / name, ids.astype(np.uint8))
     files.save_image_atomic(out / "color" / name, colour)
@@ -159,7 +193,9 @@ def segment_folder(
 
     if batch_size <= 0:
         raise SegmentError(f"--batch-size={batch_size} must be positive")
+    check_out_dir(images_dir, out_dir)
     rels = find_images(images_dir)
+    names = output_names(rels)
     model = Segmenter(checkpoint_dir, probe=probe, use_crf=use_crf, res=res)
     mapping = None
     if assignment:
@@ -197,7 +233,7 @@ def segment_folder(
                 if mapping is not None:
                     label = mapping[label]
                 full = resize_labels(label, image.shape[:2])
-                write_outputs(out, rel, image, full, colours)
+                write_outputs(out, rel, image, full, colours, names[rel])
                 written += 1
                 bar.update(1)
     finally:

@@ -10,7 +10,6 @@ the same step under `jax.pmap`, see `make_pmap_train_step`.)
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import flax
@@ -36,6 +35,7 @@ from depthg_jax import (
     xla,
 )
 from depthg_jax import config as config_lib
+from depthg_jax import workdir as workdir_lib
 from depthg_jax.data import pipeline
 from depthg_jax.image_ops import normalize_images
 from depthg_jax.metric_writer import MetricWriter
@@ -275,7 +275,15 @@ def train_step(
     )
     new_state, metrics["grad_norm"] = apply_gradients(state, grads, config)
     metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
+    metrics["finite"] = all_finite(metrics, new_state)
     return new_state, metrics
+
+
+def all_finite(metrics: dict, state: TrainState) -> jax.Array:
+    """One on-device bool: every metric (loss, grad norm...) and every state leaf is finite."""
+    leaves = jax.tree.leaves((metrics, state.params, state.opt_state))
+    flags = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: model_lib.Model, mesh):
@@ -336,6 +344,7 @@ def make_pmap_train_step(config: ml_collections.ConfigDict, model: model_lib.Mod
         grads = jax.lax.pmean(grads, axis)
         new_state, metrics["grad_norm"] = apply_gradients(state, grads, config)
         metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
+        metrics["finite"] = all_finite(metrics, new_state)
         return new_state, metrics
 
     compiled = {}
@@ -373,6 +382,60 @@ def samples_at(config: ml_collections.ConfigDict, step: int) -> int:
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
+
+
+def require_finite_step(config, step: int, metrics: dict) -> None:
+    """Fetches the step's on-device finite flag (one bool); a non-finite step raises before it
+    can be checkpointed, naming the step (1-based) and the batch's example ids."""
+    if bool(jax.device_get(metrics.pop("finite", True))):
+        return
+    fetched = jax.device_get(metrics)
+    values = {k: float(np.asarray(v)) for k, v in fetched.items() if np.ndim(v) == 0}
+    bad = sorted(k for k, v in values.items() if not np.isfinite(v)) or ["the train state"]
+    ids = _batch_example_ids(config, step - 1)
+    where = f"; the batch's examples (anchor/positive): {ids}" if ids else ""
+    raise FloatingPointError(
+        f"non-finite values at step {step} in {bad}{where}; stopping before this state is "
+        "checkpointed (lower the lr or check those examples' files)"
+    )
+
+
+def _batch_example_ids(config, batch_index: int) -> list[str]:
+    """The (anchor/positive) ids of global batch `batch_index` (error path; [] if unknown)."""
+    try:
+        from depthg_jax.data import knn, streams
+
+        source = pipeline.make_source(config.data, config.data.train_split)
+        neighbors = knn.load_knn_table(pipeline.knn_path(config.data), source.ids)
+        stream = streams.TrainStream(
+            source, neighbors, res=config.data.train_res, num_neighbors=config.data.num_neighbors,
+            seed=config.seed, global_batch_size=config.train.batch_size, process_index=0,
+            process_count=1,
+        )  # fmt: skip
+        ids = source.ids
+        g0 = batch_index * config.train.batch_size
+        pairs = (stream.indices(g) for g in range(g0, g0 + config.train.batch_size))
+        return [f"{ids[a]}/{ids[p]}" for a, p in pairs]
+    except Exception:  # noqa: BLE001 - prepared records, or the table moved: no ids to add
+        return []
+
+
+def check_eval_split(config: ml_collections.ConfigDict) -> None:
+    """Refuses at start an evaluation split that is missing, empty or has no labels."""
+    data = config_lib.eval_data(config)
+    try:
+        source = pipeline.make_source(data, data.eval_split, role="eval")
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(
+            f"the evaluation split {data.eval_split!r} of {data.name} at "
+            f"{data.root or data.data_dir} cannot be read: {e}"
+        ) from e
+    records = getattr(source, "records", None)
+    if records is not None and not any(getattr(r, "label", None) for r in records):
+        raise ValueError(
+            f"the evaluation split {data.eval_split!r} of {data.name} at {data.root} has no "
+            f"labels ({len(records)} images): validation needs labelled images"
+        )
 
 
 def check_finite(step: int, metrics: dict) -> None:
@@ -426,11 +489,13 @@ def _train_examples(config: ml_collections.ConfigDict) -> int:
     return len(pipeline.make_source(config.data, config.data.train_split))
 
 
+@workdir_lib.exclusive
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains DepthG as configured, evaluates, exports; resumes from `workdir` if it has a run."""
     workdir = os.path.abspath(workdir)
     config = config_lib.resolve(config, workdir)
     os.makedirs(workdir, exist_ok=True)
+    workdir_lib.guard_resume(config, workdir)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
@@ -439,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
     backbone_params = model_lib.init_backbone(config.model, k_backbone)
     setup_data.prepare_data(config)
+    check_eval_split(config)
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 
@@ -461,11 +527,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract_state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = checkpoint.restore_train_state(manager, abstract_state)
+    restored = checkpoint.restore_train_state(manager, abstract_state, set_aside=True)
     if restored is not None:
         state, data_state, start = restored
         loader.set_state(data_state)
         print(f"Resumed from {workdir}/checkpoints at step {start}", flush=True)
+    resumed_at = restored[2] if restored is not None else 0
+    if jax.process_index() == 0:
+        workdir_lib.truncate_metrics(workdir, resumed_at)
+    finished = workdir_lib.finished_results(workdir, resumed_at, config.train.num_steps)
+    if finished is not None:
+        print(f"{workdir} already finished at step {resumed_at}: results.json kept", flush=True)
+        return finished
 
     validate = _Validator(config, backbone_params, mesh)
     eval_every = config_lib.validation_interval(config, _train_examples(config))
@@ -486,10 +559,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"preempted_at": outcome["preempted_at"]}
     state, final = outcome["state"], outcome["last_val"]
     final_step = int(jax.device_get(state.step))
-    manager.wait_until_finished()
+    checkpoint.finish(manager)
     if final_step not in manager.all_steps():
         checkpoint.save_train_state(manager, final_step, state, outcome["data_state"], force=True)
-    manager.wait_until_finished()
+    checkpoint.finish(manager)
 
     if final is None or outcome["last_val_step"] != final_step:
         final = validate(state.params)
@@ -534,11 +607,16 @@ def _train_loop(
     t_last, steps_since = time.perf_counter(), 0
     try:
         with Preemption() as preemption:
+            if distributed.any_process(preemption.requested):
+                progress.write(f"{preemption.signal_name} before step {start + 1}: "
+                               "nothing new to save; exiting")  # fmt: skip
+                return {"preempted_at": start}
             for step in range(start, num_steps):
                 batch, data_state = next(prefetch)
                 state, metrics = step_fn(
                     state, backbone_params, batch, k_step, num_side=samples_at(config, step)
                 )
+                require_finite_step(config, step + 1, metrics)
                 steps_since += 1
                 done = step + 1
                 progress.update(1)
@@ -576,12 +654,17 @@ def _train_loop(
                 )  # fmt: skip
                 check_now = jax.process_count() == 1 or done % config.train.log_every == 0
                 if check_now and distributed.any_process(preemption.requested):
-                    manager.wait_until_finished()
+                    checkpoint.finish(manager)
                     if done not in manager.all_steps():
                         checkpoint.save_train_state(manager, done, state, data_state, force=True)
-                        manager.wait_until_finished()
-                    progress.write(f"SIGTERM: saved a checkpoint at step {done}; exiting")
+                        checkpoint.finish(manager)
+                    progress.write(
+                        f"{preemption.signal_name}: saved a checkpoint at step {done}; exiting"
+                    )
                     return {"preempted_at": done}
+    except BaseException:
+        checkpoint.abandon_in_flight(manager)  # finished or removed, never half-written
+        raise
     finally:
         prefetch.close()
         progress.close()
@@ -634,11 +717,8 @@ def _export(config, workdir, state, backbone_params, manager, final) -> dict | N
         best_state = checkpoint.restore_train_state(manager, abstract, best["step"])[0]
         exports.append(("export_best", jax.device_get(best_state.params), best))
     for name, trainable, selection in exports:
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        checkpoint.save_export(
-            path,
+        checkpoint.replace_export(
+            os.path.join(workdir, name),
             config,
             model_lib.full_params(backbone, trainable),
             selection=selection,

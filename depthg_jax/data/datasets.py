@@ -135,6 +135,11 @@ def decode_depth(raw: np.ndarray, path: str) -> np.ndarray:
     """Maps a raw depth array to float32 [0,255], 0 = nearest, by the file's kind."""
     if path.endswith(".npy"):
         d = raw.astype(np.float64)
+        if not np.all(np.isfinite(d)):
+            raise ValueError(
+                f"Depth file {path} holds {int(np.sum(~np.isfinite(d)))} NaN/inf values of "
+                f"{d.size}; regenerate it (python -m depthg_jax.data.depth)"
+            )
         lo, hi = float(d.min()), float(d.max())
         if hi <= lo:
             return np.zeros(d.shape, np.float32)

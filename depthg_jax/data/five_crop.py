@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from depthg_jax import files
-from depthg_jax.data import datasets, images
+from depthg_jax.data import datasets, depth_io, images
 
 NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
@@ -106,6 +106,16 @@ def write_five_crops(
     return done
 
 
+def check_out_dir(root: str, out: str) -> None:
+    """Refuses an output folder that is the dataset's root or lies inside it: the crops would
+    be written among (and later read as) the source images."""
+    if depth_io.is_within(out, root):
+        raise ValueError(
+            f"--out={out} lies inside the source --root={root}: the crops would mix with the "
+            "source images; choose a folder outside it"
+        )
+
+
 def define_flags() -> None:
     flags.DEFINE_enum("dataset", None, list(datasets.DATASET_NAMES), "The dataset to crop.")
     flags.DEFINE_string("root", None, "The dataset's root folder.")
@@ -126,6 +136,10 @@ def main(argv) -> None:
     n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, 0)
     if n_classes < 1:
         raise app.UsageError(f"--n_classes is required for dataset {f.dataset!r}")
+    try:
+        check_out_dir(f.root, f.out)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     source = datasets.make_source(f.dataset, f.root, f.split, n_classes)
     n = write_five_crops(
         source, f.out, f.split, image_format=f.image_format, jpeg_quality=f.jpeg_quality

@@ -98,19 +98,48 @@ def compute_knn(features: np.ndarray, k: int = 30, chunk_size: int = 512) -> np.
     return out
 
 
-def save_knn_table(path: str, indices: np.ndarray, ids: Sequence[str]) -> None:
-    """Writes a KNN table atomically (temporary name beside it, then rename; local or gs://)."""
+def source_fingerprint(source) -> str | None:
+    """SHA-256 over (id, image file size, mtime) of every example of a loose-file source, so a
+    table made for the same ids but other images is caught; None for other sources."""
+    import hashlib
+
+    records = getattr(source, "records", None)
+    if not records:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for rec in records:
+            st = os.stat(rec.image)
+            digest.update(f"{rec.id}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except (OSError, AttributeError, TypeError):
+        return None
+    return digest.hexdigest()
+
+
+def save_knn_table(
+    path: str, indices: np.ndarray, ids: Sequence[str], fingerprint: str | None = None
+) -> None:
+    """Writes a KNN table atomically (temporary name beside it, then rename; local or gs://).
+
+    fingerprint: `source_fingerprint` of the images it was computed on (checked on load)."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, indices=np.asarray(indices, np.int32), ids=np.asarray(list(ids)))
+    extra = {"fingerprint": np.asarray(fingerprint)} if fingerprint else {}
+    np.savez(buffer, indices=np.asarray(indices, np.int32), ids=np.asarray(list(ids)), **extra)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(path)  # atomic; a concurrent writer of the same table may have been first
 
 
-def load_knn_table(path: str, ids: Sequence[str] | None = None, command=KNN_COMMAND) -> np.ndarray:
-    """Loads a KNN table's (N,k) indices; checks its ids against the split's when given."""
+def load_knn_table(
+    path: str,
+    ids: Sequence[str] | None = None,
+    command=KNN_COMMAND,
+    fingerprint: str | None = None,
+) -> np.ndarray:
+    """Loads a KNN table's (N,k) indices; checks its ids against the split's when given, and
+    its images' fingerprint when both the table and the caller have one."""
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No KNN table at {path}. Make it with: {command}")
@@ -118,6 +147,7 @@ def load_knn_table(path: str, ids: Sequence[str] | None = None, command=KNN_COMM
         with np.load(io.BytesIO(path.read_bytes())) as z:
             indices = np.asarray(z["indices"])
             table_ids = [str(i) for i in z["ids"]]
+            table_print = str(z["fingerprint"]) if "fingerprint" in z.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise ValueError(
             f"KNN table {path} is unreadable ({e}); make it again with: {command}"
@@ -126,6 +156,11 @@ def load_knn_table(path: str, ids: Sequence[str] | None = None, command=KNN_COMM
         raise ValueError(
             f"KNN table {path} was made for another list of {len(table_ids)} examples than "
             f"this split's {len(ids)}; remake it with: {command}"
+        )
+    if fingerprint and table_print and fingerprint != table_print:
+        raise ValueError(
+            f"KNN table {path} was made for the same {len(table_ids)} ids but other image files "
+            f"(their sizes or modification times differ); remake it with: {command}"
         )
     if indices.ndim != 2 or indices.shape[0] != len(table_ids):
         raise ValueError(f"KNN table {path} has indices of shape {indices.shape}")
@@ -212,7 +247,7 @@ def build_knn_table(
     )
     table = compute_knn(feats, k=min(k, len(source)))
     if path is not None:
-        save_knn_table(path, table, source.ids)
+        save_knn_table(path, table, source.ids, source_fingerprint(source))
         log.info("Wrote KNN table %s (%d x %d)", path, *table.shape)
     return table
 

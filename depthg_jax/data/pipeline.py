@@ -87,7 +87,9 @@ def make_train_loader(
 
         neighbors = records.load_neighbors(data_cfg, source)
     else:
-        neighbors = knn.load_knn_table(knn_path(data_cfg), source.ids)
+        neighbors = knn.load_knn_table(
+            knn_path(data_cfg), source.ids, fingerprint=knn.source_fingerprint(source)
+        )
     stream = streams.TrainStream(
         source,
         neighbors,

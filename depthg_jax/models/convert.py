@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from depthg_jax import files
 from depthg_jax.models import convert_v2v3, state_dicts
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
@@ -247,11 +248,29 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[
     Raises ValueError naming unknown/missing keys, a key whose shape is wrong (with both
     shapes), or a variant the weights do not fit (another family, size or register count).
     """
+    check_finite_weights(state_dict, "the weights")
     if get_variant(variant).family != "v1":
         return convert_v2v3.convert_state_dict_v2v3(state_dict, variant)
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     _check_keys_and_shapes(state, variant)
     return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"))
+
+
+def check_finite_weights(named: dict[str, Any], source: str) -> None:
+    """Raises ValueError naming every tensor of `source` that holds NaN or inf values."""
+    bad = []
+    for key, value in named.items():
+        if isinstance(value, dict):
+            try:
+                check_finite_weights({f"{key}.{k}": v for k, v in value.items()}, source)
+            except ValueError as e:
+                bad.append(str(e).split(": ", 1)[1])
+            continue
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+            bad.append(f"{key} ({int(np.sum(~np.isfinite(value)))} of {value.size} non-finite)")
+    if bad:
+        raise ValueError(f"{source} hold NaN/inf values: {', '.join(bad)}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -269,6 +288,7 @@ def save_backbone(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o777 & ~files.current_umask())  # mkdtemp makes 0700; follow the umask
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
             ckptr.wait_until_finished()
@@ -300,8 +320,15 @@ def load_backbone(path: str | os.PathLike, variant: str) -> dict[str, Any]:
     if path.is_dir():
         if not (path / META_FILE).is_file():
             raise ValueError(f"{path} is a directory without {META_FILE}: not a converted backbone")
-        return _restore_orbax(path, variant)
-    return convert_state_dict(load_state_dict(path), variant)
+        params = _restore_orbax(path, variant)
+        check_finite_weights(params, f"the converted weights {path}")
+        return params
+    try:
+        return convert_state_dict(load_state_dict(path), variant)
+    except ValueError as e:
+        if "NaN/inf" in str(e):
+            raise ValueError(f"{path}: {e}") from e
+        raise
 
 
 def download_official(variant: str, cache_dir: str | os.PathLike | None = None) -> Path:
