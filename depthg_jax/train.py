@@ -384,12 +384,27 @@ def samples_at(config: ml_collections.ConfigDict, step: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def require_finite_steps(config, pending: list[tuple[int, dict]]) -> None:
+    """Fetches the on-device finite flags of the steps run since the last check, in one
+    transfer, and clears `pending`; the first non-finite step raises (before anything of it
+    can be checkpointed), naming the step (1-based) and the batch's example ids.
+
+    Checked before every save, log and stop rather than every step, so the host does not wait
+    for each step to finish (a NaN stays in the state: no later state is finite either).
+    """
+    flags = jax.device_get([metrics["finite"] for _, metrics in pending])
+    bad_steps = [item for item, ok in zip(pending, flags, strict=True) if not ok]
+    pending.clear()
+    if bad_steps:
+        require_finite_step(config, *bad_steps[0])
+
+
 def require_finite_step(config, step: int, metrics: dict) -> None:
     """Fetches the step's on-device finite flag (one bool); a non-finite step raises before it
     can be checkpointed, naming the step (1-based) and the batch's example ids."""
-    if bool(jax.device_get(metrics.pop("finite", True))):
+    if bool(jax.device_get(metrics.get("finite", True))):
         return
-    fetched = jax.device_get(metrics)
+    fetched = jax.device_get({k: v for k, v in metrics.items() if k != "finite"})
     values = {k: float(np.asarray(v)) for k, v in fetched.items() if np.ndim(v) == 0}
     bad = sorted(k for k, v in values.items() if not np.isfinite(v)) or ["the train state"]
     ids = _batch_example_ids(config, step - 1)
@@ -611,17 +626,23 @@ def _train_loop(
                 progress.write(f"{preemption.signal_name} before step {start + 1}: "
                                "nothing new to save; exiting")  # fmt: skip
                 return {"preempted_at": start}
+            pending: list[tuple[int, dict]] = []  # (step, metrics) not yet checked finite
             for step in range(start, num_steps):
                 batch, data_state = next(prefetch)
                 state, metrics = step_fn(
                     state, backbone_params, batch, k_step, num_side=samples_at(config, step)
                 )
-                require_finite_step(config, step + 1, metrics)
                 steps_since += 1
                 done = step + 1
+                pending.append((done, metrics))
                 progress.update(1)
-                if done % config.train.log_every == 0 or done == num_steps:
+                logging_step = done % config.train.log_every == 0 or done == num_steps
+                validating = bool(eval_every and done % eval_every == 0)
+                if logging_step or validating or manager.should_save(done):
+                    require_finite_steps(config, pending)
+                if logging_step:
                     metrics = jax.device_get(metrics)
+                    metrics.pop("finite", None)
                     check_finite(done, metrics)
                     rate = steps_since / (time.perf_counter() - t_last)
                     metrics["steps_per_s"] = rate
@@ -632,7 +653,7 @@ def _train_loop(
                         loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}"
                     )
                 val_metrics = None
-                if eval_every and done % eval_every == 0:
+                if validating:
                     last_val, last_val_step = validate(state.params), done
                     val_metrics = reports.val_summary(last_val)
                     writer.write(done, val_metrics)
@@ -654,6 +675,7 @@ def _train_loop(
                 )  # fmt: skip
                 check_now = jax.process_count() == 1 or done % config.train.log_every == 0
                 if check_now and distributed.any_process(preemption.requested):
+                    require_finite_steps(config, pending)
                     checkpoint.finish(manager)
                     if done not in manager.all_steps():
                         checkpoint.save_train_state(manager, done, state, data_state, force=True)

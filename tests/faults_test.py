@@ -319,6 +319,21 @@ def test_a_non_finite_step_stops_before_it_is_checkpointed_naming_step_and_examp
     assert not ckpts.exists() or not [p for p in os.listdir(ckpts)]  # nothing saved, no tmp
 
 
+def test_the_first_non_finite_step_is_named_when_flags_are_checked_in_a_batch(
+    run_dir, tmp_path
+):
+    # Flags are fetched before saves and logs only: step 1 goes bad, the check at step 4 (the
+    # first save and log) still names step 1, and nothing is saved.
+    data = run_dir / "synthetic_data"
+    config = tiny_config(**{"data.root": str(data), "optim.lr": float("inf"),
+                            "train.checkpoint_every": 4, "train.log_every": 4})  # fmt: skip
+    wd = tmp_path / "nan4"
+    with pytest.raises(FloatingPointError, match=r"non-finite values at step 1 "):
+        train.train_and_evaluate(config, str(wd))
+    ckpts = wd / "checkpoints"
+    assert not ckpts.exists() or not os.listdir(ckpts)
+
+
 def test_nan_depth_files_are_rejected_by_name(tmp_path):
     depth = np.ones((4, 4), np.float32)
     depth[1, 2] = np.nan
