@@ -219,7 +219,7 @@ def evaluate_population(backbone_params, params, model_cfg, n_classes, loader, m
     for batch in loader:
         g = sharding.host_to_global({k: batch[k] for k in ("image", "label", "valid")}, mesh)
         outs = step(backbone_params, params, g["image"], g["label"], g["valid"])
-        totals = outs if totals is None else tuple(a + b for a, b in zip(totals, outs))
+        totals = outs if totals is None else tuple(a + b for a, b in zip(totals, outs, strict=True))
     if totals is None or int(totals[2]) == 0:
         raise ValueError("the evaluation loader gave no valid images (empty split?)")
     cluster, linear = (np.asarray(jax.device_get(t)).astype(np.int64) for t in totals[:2])
@@ -424,7 +424,9 @@ def _loop(
                     writer.write(done, val_metrics)
                     progress.write(
                         f"[step {done}] {config.train.best_metric} per member: "
-                        + ", ".join(f"{n} {100 * s:.1f}" for n, s in zip(names, scores))
+                        + ", ".join(
+                            f"{n} {100 * s:.1f}" for n, s in zip(names, scores, strict=True)
+                        )
                     )
                 checkpoint.save_train_state(
                     manager, done, state, data_state, metrics=val_metrics,

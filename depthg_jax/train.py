@@ -218,7 +218,9 @@ def losses_from_features(
     # The third, independent dropout mask acts on the features entering the correlations.
     feats_d = head_lib.channel_dropout(keys[2], feats, config.model.dropout)
     feats_pos_d = head_lib.channel_dropout(keys[3], feats_pos, config.model.dropout)
-    coords1, coords2 = sample_coords(batch, feats.shape[1:3], keys[4:6], num_side, config=config, hp=hp)
+    coords1, coords2 = sample_coords(
+        batch, feats.shape[1:3], keys[4:6], num_side, config=config, hp=hp
+    )
     perms = sampling.negative_permutations(keys[6], cl.neg_samples, n)
     depth_weight, depth_shift = depth_schedule_at(step, config, hp)
     terms = losses.loss_terms(
