@@ -530,12 +530,13 @@ def write_sweep_picture(path, rows, table, fields, metric, panel=(300, 220)) -> 
         draw.text((x0 + 2, ph - bottom - 10), f"{y_lo:.1f}", fill="black")
         if ticks:
             for t, name in enumerate(ticks):
-                draw.text((to_px(t, y_lo)[0] - 10, ph - bottom + 4), name, fill="black")
+                draw.text((to_px(t, y_lo)[0] - 3 * len(name), ph - bottom + 4), name, fill="black")
         else:
             draw.text((x0 + left, ph - bottom + 4), f"{x_lo:.4g}", fill="black")
             draw.text((x0 + pw - right - 40, ph - bottom + 4), f"{x_hi:.4g}", fill="black")
         for x, y, member in zip(xs, scores, table, strict=True):
             px, py = to_px(x, y)
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
-            draw.text((px + 4, py - 12), member["name"], fill=(60, 60, 60))
+            label_x = px + 4 if px < x0 + pw - 70 else px - 4 - 6 * len(member["name"])
+            draw.text((label_x, py - 12), member["name"], fill=(60, 60, 60))
     files.save_image_atomic(path, np.asarray(img))
