@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthg_jax import checkpoint, population, sweep
+from depthg_jax import checkpoint, evaluate, population, reports, sharding, sweep, train
 from depthg_jax import config as config_lib
 from depthg_jax.models import model as model_lib
 from tests.train_test import tiny_config
@@ -81,6 +81,15 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     for a, b in zip(jax.tree.leaves(best_params), jax.tree.leaves(exported), strict=True):
         np.testing.assert_array_equal(a, b)
     assert checkpoint.load_selection(os.path.join(full, "export"))["member"] == names[best_i]
+    # The population's validation of a member equals evaluate_loader on that member alone.
+    resolved = config_lib.resolve(sweep_config(), full)
+    validator = train._Validator(resolved, params["backbone"], sharding.make_mesh())
+    alone = evaluate.evaluate_loader(
+        params, cfg.model, cfg.data.n_classes, validator.loader(0), flip=False, crf=False,
+        progress=False,
+    )  # fmt: skip
+    expected = {k: v for k, v in saved["members"][best_i].items() if k != "member"}
+    assert reports.val_summary(alone) == pytest.approx(expected, abs=1e-12)
     picture = Image.open(os.path.join(full, "sweep.png"))
     assert picture.size[0] == 2 * 300 and picture.mode == "RGB"
     rows = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))]
