@@ -24,6 +24,21 @@ OBJECTIVES = ("reference", "corrected")
 DTYPES = ("float32", "bfloat16", "float16")
 CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
+# The hyperparameters a population member may set for itself (depthg_jax.sweep): the name
+# the loss and optimiser read them by (train.hparams) -> the config field.
+HPARAM_FIELDS = {
+    "intra_weight": "loss.pos_intra_weight",
+    "intra_shift": "loss.pos_intra_shift",
+    "inter_weight": "loss.pos_inter_weight",
+    "inter_shift": "loss.pos_inter_shift",
+    "neg_weight": "loss.neg_inter_weight",
+    "neg_shift": "loss.neg_inter_shift",
+    "depth_weight": "loss.depth_weight",
+    "depth_shift": "loss.depth_shift",
+    "depth_decay_rate": "loss.depth_decay_rate",
+    "lr": "optim.lr",
+    "probe_lr": "optim.probe_lr",
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -139,6 +154,20 @@ def get_config() -> ml_collections.ConfigDict:
     # The CRF's RGB input: "exact" (the uint8 image) or "reference" (floor(255 * unnormalised
     # image), as the release feeds it: ~15-25% of levels come back one lower).
     config.eval.crf_image = "exact"
+
+    # --- Sweep mode: a population of heads trained in one step (depthg_jax.sweep) ----------
+    # Members are named by a grid, seeded random draws, or an explicit list (at most one);
+    # all empty: one run. Only per-member fields (HPARAM_FIELDS and loss.sampling) may vary.
+    config.sweep = ml_collections.ConfigDict()
+    # "loss.pos_intra_weight=0.5,0.58;loss.neg_inter_shift=0.7,0.76": the product of the lists.
+    config.sweep.grid = ""
+    config.sweep.random = 0  # Members drawn uniformly from sweep.ranges, seeded by sweep.seed.
+    config.sweep.ranges = ""  # "loss.depth_weight=0.05:0.3;optim.lr=1e-4:1e-3:log".
+    config.sweep.seed = 0
+    # Explicit members, "|"-separated, each "field=value,..." (optionally "name=stego,...").
+    config.sweep.members = ""
+    # Memory the population may use, GiB (0: the device's limit; the host's RAM on CPU).
+    config.sweep.memory_gb = 0.0
     return config
 
 

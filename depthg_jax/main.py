@@ -1,7 +1,8 @@
 """Entry point: `python -m depthg_jax.main --config=configs/coco.py --workdir=DIR`.
 
 Parses flags, initialises multi-host JAX when several processes run, and hands over to
-`train.train_and_evaluate`. Override any config field with `--config.section.field=value`.
+`train.train_and_evaluate`, or to `population.train_and_evaluate` when config.sweep names a
+population of members. Override any config field with `--config.section.field=value`.
 """
 
 from absl import app, flags, logging
@@ -21,10 +22,14 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO.
     distributed.initialize()
-    from depthg_jax import train  # After initialize(): importing it must not start backends.
+    # After initialize(): importing these must not start backends.
+    from depthg_jax import population, sweep, train
 
     print(distributed.describe(), flush=True)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if sweep.is_sweep(FLAGS.config):  # config.sweep names a population
+        population.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,30 @@ class TrainState:
 # --------------------------------------------------------------------------------------
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam with PyTorch defaults: the head at lr, each probe at probe_lr (docs/method.md)."""
+def hparams(config: ml_collections.ConfigDict) -> dict:
+    """The per-member hyperparameters of a config as float32 scalars (a pytree).
+
+    The loss and the optimiser read these rather than the config's Python floats, so a single
+    run and each member of a population (depthg_jax.population, where every leaf gains a
+    member axis) share one code path. Keys: config_lib.HPARAM_FIELDS.
+    """
+    out = {}
+    for name, field in config_lib.HPARAM_FIELDS.items():
+        section, leaf = field.split(".")
+        out[name] = jnp.float32(config[section][leaf])
+    return out
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, hp: dict | None = None
+) -> optax.GradientTransformation:
+    """Adam with PyTorch defaults: the head at lr, each probe at probe_lr (docs/method.md).
+
+    The learning rates come from `hp` (default `hparams(config)`); they may be traced.
+    """
+    hp = hparams(config) if hp is None else hp
     return optax.multi_transform(
-        {"head": optax.adam(config.optim.lr), "probe": optax.adam(config.optim.probe_lr)},
+        {"head": optax.adam(hp["lr"]), "probe": optax.adam(hp["probe_lr"])},
         _param_groups,
     )
 
@@ -97,11 +117,22 @@ def backbone_features(
 
 
 def sample_coords(
-    batch: dict, grid_hw: tuple[int, int], keys: jax.Array, num_side: int, *, config
+    batch: dict, grid_hw: tuple[int, int], keys: jax.Array, num_side: int, *, config, hp=None
 ) -> tuple[jax.Array, jax.Array]:
-    """(coords1, coords2) of anchors and positives: depth-guided FPS or uniform random."""
+    """(coords1, coords2) of anchors and positives: depth-guided FPS or uniform random.
+
+    With hp["fps"] (a population sweeping loss.sampling), both are drawn from the same keys
+    and hp["fps"] > 0.5 picks FPS per member: both computations are shared by all members.
+    """
     cl = config.loss
     n = batch["depth"].shape[0]
+    if hp is not None and "fps" in hp:
+        fps = sample_coords(batch, grid_hw, keys, num_side, config=_with_sampling(config, "fps"))
+        rnd = sample_coords(
+            batch, grid_hw, keys, num_side, config=_with_sampling(config, "random")
+        )
+        use_fps = hp["fps"] > 0.5
+        return tuple(jnp.where(use_fps, f, r) for f, r in zip(fps, rnd, strict=True))
     if cl.sampling == "fps":
         # Anchors and positives in one batched FPS: one sequential loop instead of two.
         coords = sampling.depth_fps_coords(
@@ -119,11 +150,20 @@ def sample_coords(
     )
 
 
-def loss_params(config: ml_collections.ConfigDict, depth_shift) -> losses.LossParams:
+def _with_sampling(config: ml_collections.ConfigDict, sampling: str):
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.loss.sampling = sampling
+    return out
+
+
+def loss_params(
+    config: ml_collections.ConfigDict, depth_shift, hp: dict | None = None
+) -> losses.LossParams:
+    hp = hparams(config) if hp is None else hp
     return losses.LossParams(
-        intra_shift=config.loss.pos_intra_shift,
-        inter_shift=config.loss.pos_inter_shift,
-        neg_shift=config.loss.neg_inter_shift,
+        intra_shift=hp["intra_shift"],
+        inter_shift=hp["inter_shift"],
+        neg_shift=hp["neg_shift"],
         depth_shift=depth_shift,
         pointwise=config.loss.pointwise,
         depth_mode=config.objective,
@@ -133,15 +173,16 @@ def loss_params(config: ml_collections.ConfigDict, depth_shift) -> losses.LossPa
     )
 
 
-def depth_schedule_at(step: jax.Array, config: ml_collections.ConfigDict):
+def depth_schedule_at(step: jax.Array, config: ml_collections.ConfigDict, hp=None):
     """(λ_d, b_d) for the batch at `step` (docs/release.md#schedules)."""
     cl = config.loss
+    hp = hparams(config) if hp is None else hp
     return schedules.depth_schedule(
         step,
-        cl.depth_weight,
-        cl.depth_shift,
+        hp["depth_weight"],
+        hp["depth_shift"],
         cl.depth_decay_every,
-        cl.depth_decay_rate,
+        hp["depth_decay_rate"],
         mode=config.objective,
     )
 
@@ -157,9 +198,14 @@ def losses_from_features(
     config: ml_collections.ConfigDict,
     model: model_lib.Model,
     num_side: int,
+    hp: dict | None = None,
 ) -> tuple[jax.Array, dict]:
-    """Total DepthG loss of one global batch and its parts, given the frozen features."""
+    """Total DepthG loss of one global batch and its parts, given the frozen features.
+
+    `hp`: the per-member hyperparameters (`hparams`; default: the config's own).
+    """
     cl = config.loss
+    hp = hparams(config) if hp is None else hp
     n = feats.shape[0]
     keys = jax.random.split(key, 7)
     with model.precision():
@@ -172,9 +218,11 @@ def losses_from_features(
     # The third, independent dropout mask acts on the features entering the correlations.
     feats_d = head_lib.channel_dropout(keys[2], feats, config.model.dropout)
     feats_pos_d = head_lib.channel_dropout(keys[3], feats_pos, config.model.dropout)
-    coords1, coords2 = sample_coords(batch, feats.shape[1:3], keys[4:6], num_side, config=config)
+    coords1, coords2 = sample_coords(
+        batch, feats.shape[1:3], keys[4:6], num_side, config=config, hp=hp
+    )
     perms = sampling.negative_permutations(keys[6], cl.neg_samples, n)
-    depth_weight, depth_shift = depth_schedule_at(step, config)
+    depth_weight, depth_shift = depth_schedule_at(step, config, hp)
     terms = losses.loss_terms(
         feats_d,
         feats_pos_d,
@@ -185,13 +233,13 @@ def losses_from_features(
         coords1,
         coords2,
         perms,
-        loss_params(config, depth_shift),
+        loss_params(config, depth_shift, hp),
     )
     probe = probe_losses(params, code, batch["label"], model=model)
     total = (
-        cl.pos_intra_weight * terms["intra"]
-        + cl.pos_inter_weight * terms["inter"]
-        + cl.neg_inter_weight * terms["neg"]
+        hp["intra_weight"] * terms["intra"]
+        + hp["inter_weight"] * terms["inter"]
+        + hp["neg_weight"] * terms["neg"]
         + depth_weight * terms["depth"]
         + probe["loss_linear"]
         + probe["loss_cluster"]
@@ -243,8 +291,10 @@ def compute_losses(
 # --------------------------------------------------------------------------------------
 
 
-def apply_gradients(state: TrainState, grads: dict, config) -> tuple[TrainState, jax.Array]:
-    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+def apply_gradients(
+    state: TrainState, grads: dict, config, hp: dict | None = None
+) -> tuple[TrainState, jax.Array]:
+    updates, opt_state = make_optimizer(config, hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, optax.tree.norm(grads)
@@ -509,6 +559,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains DepthG as configured, evaluates, exports; resumes from `workdir` if it has a run."""
     workdir = os.path.abspath(workdir)
     config = config_lib.resolve(config, workdir)
+    if config.sweep.grid or config.sweep.random or config.sweep.members:
+        raise ValueError(
+            "config.sweep names a population: train it with depthg_jax.population."
+            "train_and_evaluate (python -m depthg_jax.main does)"
+        )
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.guard_resume(config, workdir)
     mesh = sharding.make_mesh()

@@ -1,0 +1,542 @@
+"""Sweep mode: a population of DepthG heads trained in one jitted step (depthg_jax.sweep).
+
+The population's state is a `train.TrainState` whose params and optimiser state carry a
+leading member axis P (the step count is shared). One step runs the frozen backbone once on
+the global batch, then `vmap`s the loss, its gradient and the Adam update over the members'
+trainable state and per-member hyperparameters (`train.hparams`, one column per member).
+Everything the members do not own is computed once and shared: the backbone's features, the
+FPS coordinates, the random coordinates, the negative permutations and every dropout mask
+(all drawn from the step's key fold_in(root, step), as a single run draws them). So member i
+trains exactly as a single run with member i's settings, and comparisons are paired.
+
+Validation scores every member on the same evaluation batches with one backbone forward per
+batch (the heads and probes then run member by member). `train_and_evaluate` is the sweep
+trainer: one Orbax checkpoint holds the whole population, SIGTERM saves and exits as in a
+single run, and the outputs are the final table, sweep.json, TensorBoard scalars per member,
+the best member's export and a picture of the metric per member against each swept value.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from depthg_jax import (
+    checkpoint,
+    distributed,
+    files,
+    metrics,
+    reports,
+    seeds,
+    setup_data,
+    sharding,
+    sweep,
+    train,
+    xla,
+)
+from depthg_jax import config as config_lib
+from depthg_jax.data import pipeline
+from depthg_jax.image_ops import normalize_images, resize_bilinear
+from depthg_jax.metric_writer import MetricWriter
+from depthg_jax.models import backbones, head
+from depthg_jax.models import model as model_lib
+from depthg_jax.preemption import Preemption
+
+# --------------------------------------------------------------------------------------
+# State and hyperparameters
+# --------------------------------------------------------------------------------------
+
+
+def member_hparams(table: list[dict]) -> dict:
+    """{name: (P,) float32} of train.hparams' names (+ "fps" when loss.sampling is mixed)."""
+    hp = {
+        name: jnp.asarray([m["settings"][field] for m in table], jnp.float32)
+        for name, field in config_lib.HPARAM_FIELDS.items()
+    }
+    if sweep.mixes_sampling(table):
+        hp["fps"] = jnp.asarray(
+            [m["settings"][sweep.SAMPLING_FIELD] == "fps" for m in table], jnp.float32
+        )
+    return hp
+
+
+def shared_config(config: ml_collections.ConfigDict, table: list[dict]):
+    """The config every member's step reads: loss.sampling set to the members' common value."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    if not sweep.mixes_sampling(table):
+        out.loss.sampling = table[0]["settings"][sweep.SAMPLING_FIELD]
+    return out
+
+
+def create_population_state(
+    config: ml_collections.ConfigDict, model: model_lib.Model, key: jax.Array, num_members: int
+) -> train.TrainState:
+    """P copies of the single run's initial state (same init: paired comparisons)."""
+    single = train.create_train_state(config, model, key)
+
+    def stack(x):
+        return jnp.broadcast_to(x, (num_members,) + x.shape)
+
+    return train.TrainState(
+        step=single.step,
+        params=jax.tree.map(stack, single.params),
+        opt_state=jax.tree.map(stack, single.opt_state),
+    )
+
+
+def member_params(params: dict, i: int) -> dict:
+    """Member i's trainable params out of the population's."""
+    return jax.tree.map(lambda x: x[i], params)
+
+
+# --------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------
+
+
+def population_train_step(
+    state: train.TrainState,
+    backbone_params: dict,
+    batch: dict,
+    root_key: jax.Array,
+    hp: dict,
+    *,
+    config: ml_collections.ConfigDict,
+    model: model_lib.Model,
+    num_side: int,
+) -> tuple[train.TrainState, dict]:
+    """One optimiser update of every member on one global batch; metrics gain axis P."""
+    key = jax.random.fold_in(root_key, state.step)
+    feats, feats_pos = train.backbone_features(backbone_params, batch, model=model)
+
+    def member(params, opt_state, member_hp):
+        grad_fn = jax.value_and_grad(train.losses_from_features, has_aux=True)
+        (_, out), grads = grad_fn(
+            params,
+            feats,
+            feats_pos,
+            batch,
+            key,
+            state.step,
+            config=config,
+            model=model,
+            num_side=num_side,
+            hp=member_hp,
+        )
+        one = train.TrainState(step=state.step, params=params, opt_state=opt_state)
+        new, out["grad_norm"] = train.apply_gradients(one, grads, config, member_hp)
+        return new.params, new.opt_state, out
+
+    params, opt_state, out = jax.vmap(member)(state.params, state.opt_state, hp)
+    out["num_samples"] = jnp.asarray(num_side, jnp.int32)
+    return train.TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
+
+
+def make_population_step(config: ml_collections.ConfigDict, model: model_lib.Model, mesh):
+    """The jitted population step (state donated, outputs replicated; one compile per S)."""
+    if config.train.parallelism != "jit":
+        raise ValueError(
+            f'sweep mode runs with train.parallelism="jit", not {config.train.parallelism!r}'
+        )
+    replicated = sharding.replicated(mesh)
+
+    @xla.jit(static_argnames=("num_side",), donate_argnums=(0,))
+    def step_fn(state, backbone_params, batch, root_key, hp, num_side):
+        new_state, out = population_train_step(
+            state, backbone_params, batch, root_key, hp,
+            config=config, model=model, num_side=num_side,
+        )  # fmt: skip
+        new_state = jax.lax.with_sharding_constraint(new_state, replicated)
+        out = jax.lax.with_sharding_constraint(out, replicated)
+        return new_state, out
+
+    return step_fn
+
+
+# --------------------------------------------------------------------------------------
+# Validation: one backbone forward per batch for all members
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def make_population_eval_step(
+    variant: str, dim: int, dtype: str, n_classes: int, mesh, matmul_precision: str = "default"
+):
+    """Jitted (backbone, population params, images, labels, valid) -> (cluster confusions
+    (P, n, n), linear confusions (P, n, n), #valid): evaluate's step without flip, per member."""
+    replicated = sharding.replicated(mesh)
+
+    @xla.jit(out_shardings=(replicated, replicated, replicated))
+    def step(backbone_params, params, images, labels, valid):
+        h, w = images.shape[1:3]
+        with model_lib.precision_scope(matmul_precision):
+            feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
+                {"params": backbone_params}, normalize_images(images)
+            )
+
+        def member(p):
+            with model_lib.precision_scope(matmul_precision):
+                code = head.SegmentationHead(dim=dim, dropout=0.0).apply(
+                    {"params": p["head"]}, feats, deterministic=True
+                )
+            code_up = resize_bilinear(code.astype(jnp.float32), (h, w), align_corners=False)
+            inner = head.ClusterProbe(n_classes).apply({"params": p["cluster_probe"]}, code_up)
+            logits = head.LinearProbe(n_classes).apply({"params": p["linear_probe"]}, code_up)
+            cluster = jnp.argmax(head.cluster_log_probs(inner, alpha=2.0), axis=-1)
+            linear = jnp.argmax(logits, axis=-1)
+            return (
+                metrics.confusion(cluster, labels, n_classes, n_classes, valid),
+                metrics.confusion(linear, labels, n_classes, n_classes, valid),
+            )
+
+        # Members one after another: memory of one member's upsampled code at a time.
+        cluster, linear = jax.lax.map(member, params)
+        return cluster, linear, jnp.sum(valid.astype(jnp.int32))
+
+    return step
+
+
+def evaluate_population(backbone_params, params, model_cfg, n_classes, loader, mesh) -> list:
+    """Per member, evaluate.evaluate_loader's result dict (flip and CRF off)."""
+    step = make_population_eval_step(
+        model_cfg.variant,
+        int(model_cfg.dim),
+        str(model_cfg.dtype),
+        int(n_classes),
+        mesh,
+        model_cfg.get("matmul_precision", "default"),
+    )
+    start = time.perf_counter()
+    totals = None
+    for batch in loader:
+        g = sharding.host_to_global({k: batch[k] for k in ("image", "label", "valid")}, mesh)
+        outs = step(backbone_params, params, g["image"], g["label"], g["valid"])
+        totals = outs if totals is None else tuple(a + b for a, b in zip(totals, outs, strict=True))
+    if totals is None or int(totals[2]) == 0:
+        raise ValueError("the evaluation loader gave no valid images (empty split?)")
+    cluster, linear = (np.asarray(jax.device_get(t)).astype(np.int64) for t in totals[:2])
+    elapsed = time.perf_counter() - start
+    results = []
+    for i in range(cluster.shape[0]):
+        results.append({
+            "cluster": metrics.scores(cluster[i], hungarian=True),
+            "linear": metrics.scores(linear[i], hungarian=False),
+            "confusion": {"cluster": cluster[i], "linear": linear[i]},
+            "num_images": int(totals[2]),
+            "time_s": elapsed,
+        })  # fmt: skip
+    return results
+
+
+class _PopulationValidator(train._Validator):
+    """The single run's validator (same data and batches), scoring every member at once."""
+
+    def __call__(self, trainable: dict) -> list:
+        return evaluate_population(
+            self.backbone_params,
+            trainable,
+            self.config.model,
+            self.config.data.n_classes,
+            self.loader(self.config.train.eval_batches),
+            self.mesh,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The sweep trainer
+# --------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the population config.sweep names, validates, reports, exports the best member.
+
+    Resumes from `workdir` if it holds a checkpoint of the same population.
+    """
+    workdir = os.path.abspath(workdir)
+    config = config_lib.resolve(config, workdir)
+    table = sweep.member_table(config)
+    memory = sweep.check_memory(config, len(table))  # before anything is compiled
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    step_config = shared_config(config, table)
+    hp = sharding.replicate(member_hparams(table), mesh)
+    names = [m["name"] for m in table]
+    if jax.process_index() == 0:
+        sweep.write_table(table, workdir)
+        train.write_config(config, workdir)
+    print(
+        f"Sweep: {len(table)} members, estimated {memory['estimate_bytes'] / 2**30:.2f} GiB "
+        f"of {memory['budget_bytes'] / 2**30:.1f}; members in {workdir}/sweep_members.json",
+        flush=True,
+    )
+
+    model = model_lib.build_model(config.model, config.data.n_classes)
+    k_backbone, k_state, k_step = seeds.run_keys(config.seed)
+    backbone_params = model_lib.init_backbone(config.model, k_backbone)
+    setup_data.prepare_data(config)
+    backbone_params = sharding.replicate(backbone_params, mesh)
+    state = sharding.replicate(create_population_state(config, model, k_state, len(table)), mesh)
+    manager = checkpoint.make_manager(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.train.keep_checkpoints,
+        save_every=config.train.checkpoint_every,
+        best_metric=config.train.best_metric,
+    )
+    loader = pipeline.make_train_loader(
+        config.data,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        release_depth_cast=config_lib.release_depth_cast(config, config.data.name),
+    )
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored = checkpoint.restore_train_state(manager, abstract_state)
+    if restored is not None:
+        state, data_state, start = restored
+        loader.set_state(data_state)
+        print(f"Resumed the population from {workdir}/checkpoints at step {start}", flush=True)
+
+    validate = _PopulationValidator(config, backbone_params, mesh)
+    eval_every = config_lib.validation_interval(config, train._train_examples(config))
+    step_fn = make_population_step(step_config, model, mesh)
+    writer = MetricWriter(workdir)
+    outcome = _loop(
+        config, state, backbone_params, hp, k_step, step_fn, loader, manager, validate,
+        eval_every, writer, mesh, names,
+    )  # fmt: skip
+    if "preempted_at" in outcome:
+        writer.close()
+        return {"preempted_at": outcome["preempted_at"]}
+    state, final = outcome["state"], outcome["last_val"]
+    final_step = int(jax.device_get(state.step))
+    manager.wait_until_finished()
+    if final_step not in manager.all_steps():
+        checkpoint.save_train_state(manager, final_step, state, outcome["data_state"], force=True)
+    manager.wait_until_finished()
+    if final is None or outcome["last_val_step"] != final_step:
+        final = validate(state.params)
+    rows = member_rows(table, final, config.train.best_metric)
+    best = max(range(len(rows)), key=lambda i: (rows[i][config.train.best_metric], -i))
+    selection = {
+        "checkpoint": "final",
+        "step": final_step,
+        "member": names[best],
+        "settings": table[best]["settings"],
+        "metric": config.train.best_metric,
+        "score": rows[best][config.train.best_metric],
+        "selected_on": checkpoint.BEST_SELECTED_ON,
+    }
+    for i, row in enumerate(rows):
+        writer.write(final_step, {f"{names[i]}/{k}": v for k, v in row.items() if k != "member"})
+    writer.close()
+    fields = sweep.swept_fields(table)
+    text = format_table(rows, table, fields, selection)
+    print(text, flush=True)
+    results = {
+        "step": final_step,
+        "members": rows,
+        "swept_fields": fields,
+        "best": selection,
+        "memory_estimate": memory,
+    }
+    if jax.process_index() == 0:
+        files.write_text_atomic(os.path.join(workdir, "sweep.json"), json.dumps(results, indent=2))
+        files.write_text_atomic(os.path.join(workdir, "sweep_table.txt"), text + "\n")
+        write_sweep_picture(
+            os.path.join(workdir, "sweep.png"), rows, table, fields, config.train.best_metric
+        )
+        path = os.path.join(workdir, "export")
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        best_config = sweep.member_config(config, table[best])
+        trainable = jax.device_get(member_params(state.params, best))
+        checkpoint.save_export(
+            path,
+            best_config,
+            model_lib.full_params(jax.device_get(backbone_params), trainable),
+            selection=selection,
+        )
+    distributed.sync("export")
+    return results
+
+
+def _loop(
+    config, state, backbone_params, hp, k_step, step_fn, loader, manager, validate,
+    eval_every, writer, mesh, names,
+) -> dict:  # fmt: skip
+    """train._train_loop for a population: per-member scalars as "<member>/<metric>"."""
+    prefetch = pipeline.Prefetcher(loader, mesh, size=config.data.prefetch)
+    start = int(jax.device_get(state.step))
+    num_steps = config.train.num_steps
+    data_state = loader.get_state()
+    last_val, last_val_step = None, -1
+    progress = train._progress(start, num_steps)
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        with Preemption() as preemption:
+            for step in range(start, num_steps):
+                batch, data_state = next(prefetch)
+                state, out = step_fn(
+                    state, backbone_params, batch, k_step, hp,
+                    num_side=train.samples_at(config, step),
+                )  # fmt: skip
+                steps_since += 1
+                done = step + 1
+                progress.update(1)
+                if done % config.train.log_every == 0 or done == num_steps:
+                    out = jax.device_get(out)
+                    rate = steps_since / (time.perf_counter() - t_last)
+                    t_last, steps_since = time.perf_counter(), 0
+                    scalars = {"steps_per_s": rate, "images_per_s": rate * config.train.batch_size}
+                    for k, v in out.items():
+                        v = np.asarray(v)
+                        if v.ndim == 0:
+                            scalars[k] = v
+                            continue
+                        for i, name in enumerate(names):
+                            scalars[f"{name}/{k}"] = v[i]
+                    train.check_finite(done, scalars)
+                    writer.write(done, scalars)
+                    progress.set_postfix(img_s=f"{scalars['images_per_s']:.1f}")
+                val_metrics = None
+                if eval_every and done % eval_every == 0:
+                    last_val, last_val_step = validate(state.params), done
+                    val_metrics = {}
+                    for name, result in zip(names, last_val, strict=True):
+                        val_metrics.update(
+                            {f"{name}/{k}": v for k, v in reports.val_summary(result).items()}
+                        )
+                    scores = [reports.val_summary(r)[config.train.best_metric] for r in last_val]
+                    val_metrics[config.train.best_metric] = max(scores)  # the best member's
+                    writer.write(done, val_metrics)
+                    progress.write(
+                        f"[step {done}] {config.train.best_metric} per member: "
+                        + ", ".join(
+                            f"{n} {100 * s:.1f}" for n, s in zip(names, scores, strict=True)
+                        )
+                    )
+                checkpoint.save_train_state(
+                    manager, done, state, data_state, metrics=val_metrics,
+                    force=val_metrics is not None,
+                )  # fmt: skip
+                check_now = jax.process_count() == 1 or done % config.train.log_every == 0
+                if check_now and distributed.any_process(preemption.requested):
+                    manager.wait_until_finished()
+                    if done not in manager.all_steps():
+                        checkpoint.save_train_state(manager, done, state, data_state, force=True)
+                        manager.wait_until_finished()
+                    progress.write(f"SIGTERM: saved the population at step {done}; exiting")
+                    return {"preempted_at": done}
+    finally:
+        prefetch.close()
+        progress.close()
+    return {
+        "state": state,
+        "data_state": data_state,
+        "last_val": last_val,
+        "last_val_step": last_val_step,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------
+
+
+def member_rows(table: list[dict], results: list, metric: str) -> list[dict]:
+    rows = []
+    for member, result in zip(table, results, strict=True):
+        rows.append({"member": member["name"], **reports.val_summary(result)})
+    return rows
+
+
+def format_table(rows: list[dict], table: list[dict], fields: list[str], selection) -> str:
+    """The final table: member, its swept values, cluster and linear acc / mIoU (%)."""
+    cols = ["member"] + [f.split(".")[1] for f in fields]
+    cols += ["cluster acc", "cluster mIoU", "linear acc", "linear mIoU"]
+    body = []
+    for row, member in zip(rows, table, strict=True):
+        cells = [row["member"]] + [_fmt(member["settings"][f]) for f in fields]
+        cells += [
+            f"{100 * row[k]:.1f}"
+            for k in ("val/cluster_accuracy", "val/cluster_miou", "val/linear_accuracy",
+                      "val/linear_miou")
+        ]  # fmt: skip
+        body.append(cells)
+    widths = [max(len(c), *(len(r[j]) for r in body)) for j, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    lines.append(
+        f"best member: {selection['member']} by {selection['metric']} "
+        f"{100 * selection['score']:.1f} at step {selection['step']}, selected on "
+        f"{selection['selected_on']} (exported to export/)"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return value if isinstance(value, str) else f"{value:.4g}"
+
+
+def write_sweep_picture(path, rows, table, fields, metric, panel=(300, 220)) -> None:
+    """A PNG (PIL) with one panel per swept field: each member's metric (%, y) against its
+    value of the field (x; categories for loss.sampling), points labelled by member."""
+    from PIL import Image, ImageDraw
+
+    fields = fields or ["member"]
+    pw, ph = panel
+    left, right, top, bottom = 44, 12, 22, 34
+    img = Image.new("RGB", (pw * len(fields), ph), "white")
+    draw = ImageDraw.Draw(img)
+    scores = [100 * r[metric] for r in rows]
+    y_lo, y_hi = min(scores), max(scores)
+    if y_hi - y_lo < 1e-9:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    for j, field in enumerate(fields):
+        x0 = j * pw
+        if field == "member":
+            xs, ticks = list(range(len(rows))), None
+        else:
+            xs = [m["settings"][field] for m in table]
+            ticks = sorted(set(xs)) if any(isinstance(x, str) for x in xs) else None
+            if ticks:
+                xs = [ticks.index(x) for x in xs]
+        x_lo, x_hi = min(xs), max(xs)
+        if x_hi - x_lo < 1e-12:
+            x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
+
+        def to_px(x, y, x0=x0, x_lo=x_lo, x_hi=x_hi):
+            px = x0 + left + (x - x_lo) / (x_hi - x_lo) * (pw - left - right - 20) + 10
+            py = top + (y_hi - y) / (y_hi - y_lo) * (ph - top - bottom - 20) + 10
+            return px, py
+
+        draw.rectangle([x0 + left, top, x0 + pw - right, ph - bottom], outline=(90, 90, 90))
+        draw.text((x0 + left, 4), f"{metric} (%) vs {field}", fill="black")
+        draw.text((x0 + 2, top), f"{y_hi:.1f}", fill="black")
+        draw.text((x0 + 2, ph - bottom - 10), f"{y_lo:.1f}", fill="black")
+        if ticks:
+            for t, name in enumerate(ticks):
+                draw.text((to_px(t, y_lo)[0] - 3 * len(name), ph - bottom + 4), name, fill="black")
+        else:
+            draw.text((x0 + left, ph - bottom + 4), f"{x_lo:.4g}", fill="black")
+            draw.text((x0 + pw - right - 40, ph - bottom + 4), f"{x_hi:.4g}", fill="black")
+        for x, y, member in zip(xs, scores, table, strict=True):
+            px, py = to_px(x, y)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
+            label_x = px + 4 if px < x0 + pw - 70 else px - 4 - 6 * len(member["name"])
+            draw.text((label_x, py - 12), member["name"], fill=(60, 60, 60))
+    files.save_image_atomic(path, np.asarray(img))
