@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -35,20 +34,17 @@ from depthg_jax import (
     files,
     metrics,
     reports,
-    seeds,
-    setup_data,
     sharding,
     sweep,
     train,
     xla,
 )
 from depthg_jax import config as config_lib
-from depthg_jax.data import pipeline
+from depthg_jax import workdir as workdir_lib
 from depthg_jax.image_ops import normalize_images, resize_bilinear
 from depthg_jax.metric_writer import MetricWriter
 from depthg_jax.models import backbones, head
 from depthg_jax.models import model as model_lib
-from depthg_jax.preemption import Preemption
 
 # --------------------------------------------------------------------------------------
 # State and hyperparameters
@@ -154,6 +150,7 @@ def make_population_step(config: ml_collections.ConfigDict, model: model_lib.Mod
             state, backbone_params, batch, root_key, hp,
             config=config, model=model, num_side=num_side,
         )  # fmt: skip
+        out["finite"] = train.all_finite(out, new_state)
         new_state = jax.lax.with_sharding_constraint(new_state, replicated)
         out = jax.lax.with_sharding_constraint(out, replicated)
         return new_state, out
@@ -255,79 +252,44 @@ class _PopulationValidator(train._Validator):
 # --------------------------------------------------------------------------------------
 
 
+@workdir_lib.exclusive
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the population config.sweep names, validates, reports, exports the best member.
 
-    Resumes from `workdir` if it holds a checkpoint of the same population.
+    The run is set up, looped and guarded exactly as a single run (`train.start_run`,
+    `train.run_loop`); only the state, the step and what is reported differ.
     """
     workdir = os.path.abspath(workdir)
     config = config_lib.resolve(config, workdir)
     table = sweep.member_table(config)
     memory = sweep.check_memory(config, len(table))  # before anything is compiled
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-    step_config = shared_config(config, table)
-    hp = sharding.replicate(member_hparams(table), mesh)
     names = [m["name"] for m in table]
-    if jax.process_index() == 0:
-        sweep.write_table(table, workdir)
-        train.write_config(config, workdir)
     print(
         f"Sweep: {len(table)} members, estimated {memory['estimate_bytes'] / 2**30:.2f} GiB "
         f"of {memory['budget_bytes'] / 2**30:.1f}; members in {workdir}/sweep_members.json",
         flush=True,
     )
+    run = train.start_run(
+        config,
+        workdir,
+        init_state=lambda model, key: create_population_state(config, model, key, len(table)),
+        validator=_PopulationValidator,
+    )
+    if jax.process_index() == 0:
+        sweep.write_table(table, workdir)
+    hp = sharding.replicate(member_hparams(table), run.mesh)
+    population_step = make_population_step(shared_config(config, table), run.model, run.mesh)
 
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    k_backbone, k_state, k_step = seeds.run_keys(config.seed)
-    backbone_params = model_lib.init_backbone(config.model, k_backbone)
-    setup_data.prepare_data(config)
-    backbone_params = sharding.replicate(backbone_params, mesh)
-    state = sharding.replicate(create_population_state(config, model, k_state, len(table)), mesh)
-    manager = checkpoint.make_manager(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.train.keep_checkpoints,
-        save_every=config.train.checkpoint_every,
-        best_metric=config.train.best_metric,
-    )
-    loader = pipeline.make_train_loader(
-        config.data,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        release_depth_cast=config_lib.release_depth_cast(config, config.data.name),
-    )
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    restored = checkpoint.restore_train_state(manager, abstract_state)
-    if restored is not None:
-        state, data_state, start = restored
-        loader.set_state(data_state)
-        print(f"Resumed the population from {workdir}/checkpoints at step {start}", flush=True)
+    def step_fn(state, backbone_params, batch, key, num_side):
+        return population_step(state, backbone_params, batch, key, hp, num_side=num_side)
 
-    validate = _PopulationValidator(config, backbone_params, mesh)
-    eval_every = config_lib.validation_interval(config, train._train_examples(config))
-    step_fn = make_population_step(step_config, model, mesh)
     writer = MetricWriter(workdir)
-    outcome = _loop(
-        config, state, backbone_params, hp, k_step, step_fn, loader, manager, validate,
-        eval_every, writer, mesh, names,
-    )  # fmt: skip
+    outcome = train.run_loop(run, step_fn, writer, _reporting(config, names))
     if "preempted_at" in outcome:
         writer.close()
         return {"preempted_at": outcome["preempted_at"]}
-    state, final = outcome["state"], outcome["last_val"]
+    state, final = train.finish_training(run, outcome)
     final_step = int(jax.device_get(state.step))
-    manager.wait_until_finished()
-    if final_step not in manager.all_steps():
-        checkpoint.save_train_state(manager, final_step, state, outcome["data_state"], force=True)
-    manager.wait_until_finished()
-    if final is None or outcome["last_val_step"] != final_step:
-        final = validate(state.params)
     rows = member_rows(table, final, config.train.best_metric)
     best = max(range(len(rows)), key=lambda i: (rows[i][config.train.best_metric], -i))
     selection = {
@@ -358,97 +320,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         write_sweep_picture(
             os.path.join(workdir, "sweep.png"), rows, table, fields, config.train.best_metric
         )
-        path = os.path.join(workdir, "export")
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        best_config = sweep.member_config(config, table[best])
         trainable = jax.device_get(member_params(state.params, best))
-        checkpoint.save_export(
-            path,
-            best_config,
-            model_lib.full_params(jax.device_get(backbone_params), trainable),
+        checkpoint.replace_export(
+            os.path.join(workdir, "export"),
+            sweep.member_config(config, table[best]),
+            model_lib.full_params(jax.device_get(run.backbone_params), trainable),
             selection=selection,
         )
     distributed.sync("export")
     return results
 
 
-def _loop(
-    config, state, backbone_params, hp, k_step, step_fn, loader, manager, validate,
-    eval_every, writer, mesh, names,
-) -> dict:  # fmt: skip
-    """train._train_loop for a population: per-member scalars as "<member>/<metric>"."""
-    prefetch = pipeline.Prefetcher(loader, mesh, size=config.data.prefetch)
-    start = int(jax.device_get(state.step))
-    num_steps = config.train.num_steps
-    data_state = loader.get_state()
-    last_val, last_val_step = None, -1
-    progress = train._progress(start, num_steps)
-    t_last, steps_since = time.perf_counter(), 0
-    try:
-        with Preemption() as preemption:
-            for step in range(start, num_steps):
-                batch, data_state = next(prefetch)
-                state, out = step_fn(
-                    state, backbone_params, batch, k_step, hp,
-                    num_side=train.samples_at(config, step),
-                )  # fmt: skip
-                steps_since += 1
-                done = step + 1
-                progress.update(1)
-                if done % config.train.log_every == 0 or done == num_steps:
-                    out = jax.device_get(out)
-                    rate = steps_since / (time.perf_counter() - t_last)
-                    t_last, steps_since = time.perf_counter(), 0
-                    scalars = {"steps_per_s": rate, "images_per_s": rate * config.train.batch_size}
-                    for k, v in out.items():
-                        v = np.asarray(v)
-                        if v.ndim == 0:
-                            scalars[k] = v
-                            continue
-                        for i, name in enumerate(names):
-                            scalars[f"{name}/{k}"] = v[i]
-                    train.check_finite(done, scalars)
-                    writer.write(done, scalars)
-                    progress.set_postfix(img_s=f"{scalars['images_per_s']:.1f}")
-                val_metrics = None
-                if eval_every and done % eval_every == 0:
-                    last_val, last_val_step = validate(state.params), done
-                    val_metrics = {}
-                    for name, result in zip(names, last_val, strict=True):
-                        val_metrics.update(
-                            {f"{name}/{k}": v for k, v in reports.val_summary(result).items()}
-                        )
-                    scores = [reports.val_summary(r)[config.train.best_metric] for r in last_val]
-                    val_metrics[config.train.best_metric] = max(scores)  # the best member's
-                    writer.write(done, val_metrics)
-                    progress.write(
-                        f"[step {done}] {config.train.best_metric} per member: "
-                        + ", ".join(
-                            f"{n} {100 * s:.1f}" for n, s in zip(names, scores, strict=True)
-                        )
-                    )
-                checkpoint.save_train_state(
-                    manager, done, state, data_state, metrics=val_metrics,
-                    force=val_metrics is not None,
-                )  # fmt: skip
-                check_now = jax.process_count() == 1 or done % config.train.log_every == 0
-                if check_now and distributed.any_process(preemption.requested):
-                    manager.wait_until_finished()
-                    if done not in manager.all_steps():
-                        checkpoint.save_train_state(manager, done, state, data_state, force=True)
-                        manager.wait_until_finished()
-                    progress.write(f"SIGTERM: saved the population at step {done}; exiting")
-                    return {"preempted_at": done}
-    finally:
-        prefetch.close()
-        progress.close()
-    return {
-        "state": state,
-        "data_state": data_state,
-        "last_val": last_val,
-        "last_val_step": last_val_step,
-    }
+def _reporting(config, names: list[str]) -> train.Reporting:
+    """Per-member scalars as "<member>/<metric>"; the checkpoint policy sees the best member's
+    score under train.best_metric."""
+
+    def log_scalars(fetched: dict) -> dict:
+        scalars = {}
+        for k, v in fetched.items():
+            v = np.asarray(v)
+            if v.ndim == 0:
+                scalars[k] = v
+                continue
+            for i, name in enumerate(names):
+                scalars[f"{name}/{k}"] = v[i]
+        return scalars
+
+    def member_scores(results: list) -> list[float]:
+        return [reports.val_summary(r)[config.train.best_metric] for r in results]
+
+    def val_scalars(results: list) -> dict:
+        out = {}
+        for name, result in zip(names, results, strict=True):
+            out.update({f"{name}/{k}": v for k, v in reports.val_summary(result).items()})
+        out[config.train.best_metric] = max(member_scores(results))  # the best member's
+        return out
+
+    def format_val(done: int, results: list) -> str:
+        scores = member_scores(results)
+        return f"[step {done}] {config.train.best_metric} per member: " + ", ".join(
+            f"{n} {100 * s:.1f}" for n, s in zip(names, scores, strict=True)
+        )
+
+    return train.Reporting(
+        log_scalars=log_scalars, val_scalars=val_scalars, format_val=format_val,
+        picture_grids=False,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------

@@ -9,8 +9,11 @@ the same step under `jax.pmap`, see `make_pmap_train_step`.)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -554,16 +557,45 @@ def _train_examples(config: ml_collections.ConfigDict) -> int:
     return len(pipeline.make_source(config.data, config.data.train_split))
 
 
-@workdir_lib.exclusive
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains DepthG as configured, evaluates, exports; resumes from `workdir` if it has a run."""
-    workdir = os.path.abspath(workdir)
-    config = config_lib.resolve(config, workdir)
-    if config.sweep.grid or config.sweep.random or config.sweep.members:
-        raise ValueError(
-            "config.sweep names a population: train it with depthg_jax.population."
-            "train_and_evaluate (python -m depthg_jax.main does)"
-        )
+@dataclasses.dataclass
+class Run:
+    """A started training run: everything the loop needs, set up the same way for a single
+    head and for a population (`start_run`)."""
+
+    config: ml_collections.ConfigDict  # resolved
+    workdir: str
+    mesh: Any
+    model: model_lib.Model
+    backbone_params: dict  # replicated on the mesh
+    k_step: jax.Array
+    manager: Any
+    loader: Any
+    validate: _Validator
+    eval_every: int
+    state: Any  # restored, or freshly initialised
+    initial_params: dict  # host copy of the initial trainable params (baselines)
+    finished: dict | None  # results.json of a run that already ended, else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reporting:
+    """How the loop turns a run's outputs into logged scalars (a population: per member)."""
+
+    log_scalars: Callable[[dict], dict] = lambda fetched: fetched
+    # -> scalars written and attached to the checkpoint (must hold train.best_metric)
+    val_scalars: Callable[[Any], dict] = reports.val_summary
+    format_val: Callable[[int, Any], str] = reports.format_val
+    picture_grids: bool = True  # train.image_every summaries (a single head's predictions)
+
+
+def start_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    init_state: Callable[[model_lib.Model, jax.Array], Any],
+    validator: type[_Validator] = _Validator,
+) -> Run:
+    """Guards the workdir, builds model and data, restores the latest intact checkpoint."""
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.guard_resume(config, workdir)
     mesh = sharding.make_mesh()
@@ -578,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 
-    state = sharding.replicate(create_train_state(config, model, k_state), mesh)
+    state = sharding.replicate(init_state(model, k_state), mesh)
     initial_params = jax.device_get(state.params)  # host copy: the step donates `state`
     manager = checkpoint.make_manager(
         os.path.join(workdir, "checkpoints"),
@@ -606,11 +638,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         workdir_lib.truncate_metrics(workdir, resumed_at)
     finished = workdir_lib.finished_results(workdir, resumed_at, config.train.num_steps)
-    if finished is not None:
-        print(f"{workdir} already finished at step {resumed_at}: results.json kept", flush=True)
-        return finished
-
-    validate = _Validator(config, backbone_params, mesh)
     eval_every = config_lib.validation_interval(config, _train_examples(config))
     if eval_every != config.train.eval_every:
         print(
@@ -618,40 +645,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"train.eval_every={config.train.eval_every} exceeds a quarter epoch",
             flush=True,
         )
-    step_fn = make_train_step(config, model, mesh)
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        model=model,
+        backbone_params=backbone_params,
+        k_step=k_step,
+        manager=manager,
+        loader=loader,
+        validate=validator(config, backbone_params, mesh),
+        eval_every=eval_every,
+        state=state,
+        initial_params=initial_params,
+        finished=finished,
+    )
+
+
+def finish_training(run: Run, outcome: dict):
+    """Saves the final state and returns (state, its validation): the last in-loop one if it
+    was of the final step, else a fresh one."""
+    state, final = outcome["state"], outcome["last_val"]
+    final_step = int(jax.device_get(state.step))
+    checkpoint.finish(run.manager)
+    if final_step not in run.manager.all_steps():
+        checkpoint.save_train_state(
+            run.manager, final_step, state, outcome["data_state"], force=True
+        )
+    checkpoint.finish(run.manager)
+    if final is None or outcome["last_val_step"] != final_step:
+        final = run.validate(state.params)
+    return state, final
+
+
+@workdir_lib.exclusive
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains DepthG as configured, evaluates, exports; resumes from `workdir` if it has a run."""
+    workdir = os.path.abspath(workdir)
+    config = config_lib.resolve(config, workdir)
+    if config.sweep.grid or config.sweep.random or config.sweep.members:
+        raise ValueError(
+            "config.sweep names a population: train it with depthg_jax.population."
+            "train_and_evaluate (python -m depthg_jax.main does)"
+        )
+    run = start_run(
+        config, workdir, init_state=lambda model, key: create_train_state(config, model, key)
+    )
+    if run.finished is not None:
+        print(f"{workdir} already finished: results.json kept", flush=True)
+        return run.finished
     writer = MetricWriter(workdir)
-    outcome = _train_loop(
-        config, workdir, state, backbone_params, k_step, step_fn, loader, manager,
-        validate, eval_every, writer, mesh,
-    )  # fmt: skip
+    outcome = run_loop(run, make_train_step(config, run.model, run.mesh), writer, Reporting())
     if "preempted_at" in outcome:
         writer.close()
         return {"preempted_at": outcome["preempted_at"]}
-    state, final = outcome["state"], outcome["last_val"]
+    state, final = finish_training(run, outcome)
     final_step = int(jax.device_get(state.step))
-    checkpoint.finish(manager)
-    if final_step not in manager.all_steps():
-        checkpoint.save_train_state(manager, final_step, state, outcome["data_state"], force=True)
-    checkpoint.finish(manager)
-
-    if final is None or outcome["last_val_step"] != final_step:
-        final = validate(state.params)
+    if outcome["last_val_step"] != final_step:
         print(reports.format_val(final_step, final), flush=True)
+    backbone_params, mesh = run.backbone_params, run.mesh
     results = {"step": final_step, "trained": reports.val_summary(final)}
     if config.train.report_baselines:
-        results.update(_baselines(config, validate, initial_params, backbone_params, mesh))
+        results.update(_baselines(config, run.validate, run.initial_params, backbone_params, mesh))
         print(reports.format_baselines(results), flush=True)
     summaries.write_image_summary(
         workdir,
         final_step,
         model_lib.full_params(backbone_params, state.params),
         config,
-        validate.loader(1),
+        run.validate.loader(1),
         final,
     )
     writer.write(final_step, results["trained"])
     writer.close()
-    results["best"] = _export(config, workdir, state, backbone_params, manager, final)
+    results["best"] = _export(config, workdir, state, backbone_params, run.manager, final)
     distributed.sync("export")
     if jax.process_index() == 0:
         for name in ("export", "export_best"):
@@ -661,16 +728,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def _train_loop(
-    config, workdir, state, backbone_params, k_step, step_fn, loader, manager, validate,
-    eval_every, writer, mesh,
-) -> dict:  # fmt: skip
+def run_loop(run: Run, step_fn, writer: MetricWriter, reporting: Reporting) -> dict:
     """Runs the steps from state.step to num_steps; returns the final state and last validation,
-    or {"preempted_at": step} after a SIGTERM (a checkpoint of that step is saved)."""
-    prefetch = pipeline.Prefetcher(loader, mesh, size=config.data.prefetch)
+    or {"preempted_at": step} after a SIGTERM/SIGINT (a checkpoint of that step is saved).
+
+    step_fn(state, backbone_params, batch, key, num_side=S) -> (state, metrics with "finite").
+    """
+    config, manager, eval_every, state = run.config, run.manager, run.eval_every, run.state
+    prefetch = pipeline.Prefetcher(run.loader, run.mesh, size=config.data.prefetch)
     start = int(jax.device_get(state.step))
     num_steps = config.train.num_steps
-    data_state = loader.get_state()
+    data_state = run.loader.get_state()
     last_val: dict | None = None
     last_val_step = -1
     progress = _progress(start, num_steps)
@@ -685,7 +753,7 @@ def _train_loop(
             for step in range(start, num_steps):
                 batch, data_state = next(prefetch)
                 state, metrics = step_fn(
-                    state, backbone_params, batch, k_step, num_side=samples_at(config, step)
+                    state, run.backbone_params, batch, run.k_step, num_side=samples_at(config, step)
                 )
                 steps_since += 1
                 done = step + 1
@@ -696,30 +764,33 @@ def _train_loop(
                 if logging_step or validating or manager.should_save(done):
                     require_finite_steps(config, pending)
                 if logging_step:
-                    metrics = jax.device_get(metrics)
-                    metrics.pop("finite", None)
-                    check_finite(done, metrics)
+                    fetched = jax.device_get(metrics)
+                    fetched.pop("finite", None)
+                    scalars = reporting.log_scalars(fetched)
+                    check_finite(done, scalars)
                     rate = steps_since / (time.perf_counter() - t_last)
-                    metrics["steps_per_s"] = rate
-                    metrics["images_per_s"] = rate * config.train.batch_size
+                    scalars["steps_per_s"] = rate
+                    scalars["images_per_s"] = rate * config.train.batch_size
                     t_last, steps_since = time.perf_counter(), 0
-                    writer.write(done, metrics)
-                    progress.set_postfix(
-                        loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}"
-                    )
+                    writer.write(done, scalars)
+                    postfix = {"img_s": f"{scalars['images_per_s']:.1f}"}
+                    if "loss" in scalars:
+                        postfix["loss"] = f"{scalars['loss']:.4f}"
+                    progress.set_postfix(**postfix)
                 val_metrics = None
                 if validating:
-                    last_val, last_val_step = validate(state.params), done
-                    val_metrics = reports.val_summary(last_val)
+                    last_val, last_val_step = run.validate(state.params), done
+                    val_metrics = reporting.val_scalars(last_val)
                     writer.write(done, val_metrics)
-                    progress.write(reports.format_val(done, last_val))
-                if config.train.image_every and done % config.train.image_every == 0:
+                    progress.write(reporting.format_val(done, last_val))
+                pictures = reporting.picture_grids and config.train.image_every
+                if pictures and done % config.train.image_every == 0:
                     summaries.write_image_summary(
-                        workdir,
+                        run.workdir,
                         done,
-                        model_lib.full_params(backbone_params, state.params),
+                        model_lib.full_params(run.backbone_params, state.params),
                         config,
-                        validate.loader(1),
+                        run.validate.loader(1),
                         last_val,
                     )
                 # Every validated step is saved, so the best checkpoint is one the release
