@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
 # The hyperparameters a population member may set for itself (depthg_jax.sweep): the name
-# the loss and optimiser read them by (train.hparams) -> the config field.
+# the loss and optimiser read them by (objective.hparams) -> the config field.
 HPARAM_FIELDS = {
     "intra_weight": "loss.pos_intra_weight",
     "intra_shift": "loss.pos_intra_shift",

@@ -3,7 +3,7 @@
 The population's state is a `train.TrainState` whose params and optimiser state carry a
 leading member axis P (the step count is shared). One step runs the frozen backbone once on
 the global batch, then `vmap`s the loss, its gradient and the Adam update over the members'
-trainable state and per-member hyperparameters (`train.hparams`, one column per member).
+trainable state and per-member hyperparameters (`objective.hparams`, one column per member).
 Everything the members do not own is computed once and shared: the backbone's features, the
 FPS coordinates, the random coordinates, the negative permutations and every dropout mask
 (all drawn from the step's key fold_in(root, step), as a single run draws them). So member i
@@ -32,7 +32,10 @@ from depthg_jax import (
     checkpoint,
     distributed,
     files,
+    finite,
+    loop,
     metrics,
+    objective,
     reports,
     sharding,
     sweep,
@@ -52,7 +55,7 @@ from depthg_jax.models import model as model_lib
 
 
 def member_hparams(table: list[dict]) -> dict:
-    """{name: (P,) float32} of train.hparams' names (+ "fps" when loss.sampling is mixed)."""
+    """{name: (P,) float32} of objective.hparams' names (+ "fps" when loss.sampling is mixed)."""
     hp = {
         name: jnp.asarray([m["settings"][field] for m in table], jnp.float32)
         for name, field in config_lib.HPARAM_FIELDS.items()
@@ -111,10 +114,10 @@ def population_train_step(
 ) -> tuple[train.TrainState, dict]:
     """One optimiser update of every member on one global batch; metrics gain axis P."""
     key = jax.random.fold_in(root_key, state.step)
-    feats, feats_pos = train.backbone_features(backbone_params, batch, model=model)
+    feats, feats_pos = objective.backbone_features(backbone_params, batch, model=model)
 
     def member(params, opt_state, member_hp):
-        grad_fn = jax.value_and_grad(train.losses_from_features, has_aux=True)
+        grad_fn = jax.value_and_grad(objective.losses_from_features, has_aux=True)
         (_, out), grads = grad_fn(
             params,
             feats,
@@ -150,7 +153,7 @@ def make_population_step(config: ml_collections.ConfigDict, model: model_lib.Mod
             state, backbone_params, batch, root_key, hp,
             config=config, model=model, num_side=num_side,
         )  # fmt: skip
-        out["finite"] = train.all_finite(out, new_state)
+        out["finite"] = finite.all_finite(out, new_state)
         new_state = jax.lax.with_sharding_constraint(new_state, replicated)
         out = jax.lax.with_sharding_constraint(out, replicated)
         return new_state, out
@@ -233,7 +236,7 @@ def evaluate_population(backbone_params, params, model_cfg, n_classes, loader, m
     return results
 
 
-class _PopulationValidator(train._Validator):
+class _PopulationValidator(loop.Validator):
     """The single run's validator (same data and batches), scoring every member at once."""
 
     def __call__(self, trainable: dict) -> list:
@@ -256,8 +259,8 @@ class _PopulationValidator(train._Validator):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the population config.sweep names, validates, reports, exports the best member.
 
-    The run is set up, looped and guarded exactly as a single run (`train.start_run`,
-    `train.run_loop`); only the state, the step and what is reported differ.
+    The run is set up, looped and guarded exactly as a single run (`loop.start_run`,
+    `loop.run_loop`); only the state, the step and what is reported differ.
     """
     workdir = os.path.abspath(workdir)
     config = config_lib.resolve(config, workdir)
@@ -269,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"of {memory['budget_bytes'] / 2**30:.1f}; members in {workdir}/sweep_members.json",
         flush=True,
     )
-    run = train.start_run(
+    run = loop.start_run(
         config,
         workdir,
         init_state=lambda model, key: create_population_state(config, model, key, len(table)),
@@ -284,11 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return population_step(state, backbone_params, batch, key, hp, num_side=num_side)
 
     writer = MetricWriter(workdir)
-    outcome = train.run_loop(run, step_fn, writer, _reporting(config, names))
+    outcome = loop.run_loop(run, step_fn, writer, _reporting(config, names))
     if "preempted_at" in outcome:
         writer.close()
         return {"preempted_at": outcome["preempted_at"]}
-    state, final = train.finish_training(run, outcome)
+    state, final = loop.finish_training(run, outcome)
     final_step = int(jax.device_get(state.step))
     rows = member_rows(table, final, config.train.best_metric)
     best = max(range(len(rows)), key=lambda i: (rows[i][config.train.best_metric], -i))
@@ -331,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def _reporting(config, names: list[str]) -> train.Reporting:
+def _reporting(config, names: list[str]) -> loop.Reporting:
     """Per-member scalars as "<member>/<metric>"; the checkpoint policy sees the best member's
     score under train.best_metric."""
 
@@ -362,7 +365,7 @@ def _reporting(config, names: list[str]) -> train.Reporting:
             f"{n} {100 * s:.1f}" for n, s in zip(names, scores, strict=True)
         )
 
-    return train.Reporting(
+    return loop.Reporting(
         log_scalars=log_scalars, val_scalars=val_scalars, format_val=format_val,
         picture_grids=False,
     )  # fmt: skip

@@ -13,7 +13,7 @@ REPO = PACKAGE.parent
 # Modules that drive runs or write reports: data/ and models/ must never import them.
 DRIVERS = {
     "train", "evaluate", "main", "segment", "export", "baselines", "summaries", "reports",
-    "setup_data", "metric_writer", "preemption", "population",
+    "setup_data", "metric_writer", "preemption", "population", "loop", "objective", "finite",
 }  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from depthg_jax import (
     export,
     files,
     integrity,
+    loop,
     reports,
     segment,
     train,
@@ -572,10 +573,10 @@ def test_an_unlabelled_or_missing_eval_split_is_refused_at_start(tmp_path):
     config = tiny_config(**{"data.name": "directory", "data.root": str(root)})
     resolved = train.config_lib.resolve(config, str(tmp_path / "w"))
     with pytest.raises(ValueError, match="'val' of directory .* has no labels"):
-        train.check_eval_split(resolved)
+        loop.check_eval_split(resolved)
     shutil.rmtree(root / "images" / "val")
     with pytest.raises(ValueError, match="'val' of directory .* cannot be read: No image folder"):
-        train.check_eval_split(resolved)
+        loop.check_eval_split(resolved)
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthg_jax import checkpoint, evaluate, population, reports, sharding, sweep, train
+from depthg_jax import checkpoint, evaluate, loop, population, reports, sharding, sweep, train
 from depthg_jax import config as config_lib
 from depthg_jax.models import model as model_lib
 from tests.train_test import tiny_config
@@ -83,7 +83,7 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     assert checkpoint.load_selection(os.path.join(full, "export"))["member"] == names[best_i]
     # The population's validation of a member equals evaluate_loader on that member alone.
     resolved = config_lib.resolve(sweep_config(), full)
-    validator = train._Validator(resolved, params["backbone"], sharding.make_mesh())
+    validator = loop.Validator(resolved, params["backbone"], sharding.make_mesh())
     alone = evaluate.evaluate_loader(
         params, cfg.model, cfg.data.n_classes, validator.loader(0), flip=False, crf=False,
         progress=False,
@@ -190,7 +190,6 @@ def test_a_population_too_large_for_memory_is_refused_before_compiling(tmp_path)
 
 
 def test_single_trainer_refuses_a_sweep_config(tmp_path):
-    from depthg_jax import train
 
     config = tiny_config()
     config.sweep.grid = "optim.lr=1e-3,1e-4"

@@ -10,7 +10,7 @@ import pytest
 
 from configs import demo
 from depthg_jax import config as config_lib
-from depthg_jax import sharding, train
+from depthg_jax import finite, sharding, train
 from depthg_jax.models import model as model_lib
 
 
@@ -265,9 +265,9 @@ def test_init_params_have_pytorch_default_scales():
 
 
 def test_non_finite_metrics_stop_the_run_with_a_message():
-    train.check_finite(3, {"loss": np.float32(0.5)})
+    finite.check_finite(3, {"loss": np.float32(0.5)})
     with pytest.raises(FloatingPointError, match="non-finite metrics at step 7.*loss_depth"):
-        train.check_finite(7, {"loss": np.float32(0.5), "loss_depth": np.float32(np.nan)})
+        finite.check_finite(7, {"loss": np.float32(0.5), "loss_depth": np.float32(np.nan)})
 
 
 @pytest.mark.parametrize("variant, res", [("v2-mu/14", 56), ("v3-mu/16", 64)])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from depthg_jax import config as base
-from depthg_jax import sampling, seeds, sharding, train
+from depthg_jax import objective, sampling, seeds, sharding, train
 from depthg_jax.models import model as model_lib
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -53,7 +53,7 @@ def run_ours(config, batches):
     out = {"loss": [], "num_side": [], "depth_weight": [], "perms": []}
     out["backbone"] = jax.device_get(backbone)
     for step, batch in enumerate(batches):
-        num_side = train.samples_at(config, step)
+        num_side = objective.samples_at(config, step)
         # The step's key is fold_in(root, step); its 7th split draws the negatives.
         keys = jax.random.split(jax.random.fold_in(k_step, step), 7)
         out["perms"].append(
