@@ -96,15 +96,16 @@ class JaxStep:
         import jax
 
         from depthg_jax import sharding, train
+        from depthg_jax.models import model as model_lib
 
         self.jax = jax
         self.config = config
         self.num_side = config.loss.feature_samples
         mesh = sharding.make_mesh()
-        self.models = train.build_models(config)
+        self.models = model_lib.build_model(config.model, config.data.n_classes)
         k_backbone, k_state, self.k_step = jax.random.split(jax.random.key(0), 3)
         self.backbone = sharding.replicate(
-            train.init_backbone(config, self.models, k_backbone), mesh
+            model_lib.init_backbone(config.model, k_backbone), mesh
         )
         self.state = sharding.replicate(
             train.create_train_state(config, self.models, k_state), mesh
