@@ -223,9 +223,14 @@ def test_wrong_rope_periods_and_bias_mask_raise():
     bad = dict(official, **{"rope_embed.periods": official["rope_embed.periods"] * 2})
     with pytest.raises(ValueError, match="rope_embed.periods .* differ from the base-100"):
         convert_state_dict(bad, "v3-mu/16")
+    half_mask = np.full_like(official["blocks.0.attn.qkv.bias_mask"], 0.5)
+    bad = dict(official, **{"blocks.0.attn.qkv.bias_mask": half_mask})
+    with pytest.raises(ValueError, match="bias_mask holds values other than 0 and 1"):
+        convert_state_dict(bad, "v3-mu/16")
+    # A NaN mask is refused earlier, by the check every weight passes, naming the tensor.
     nan_mask = np.full_like(official["blocks.0.attn.qkv.bias_mask"], np.nan)
     bad = dict(official, **{"blocks.0.attn.qkv.bias_mask": nan_mask})
-    with pytest.raises(ValueError, match="bias_mask holds values other than 0 and 1"):
+    with pytest.raises(ValueError, match=r"NaN/inf values: blocks\.0\.attn\.qkv\.bias_mask"):
         convert_state_dict(bad, "v3-mu/16")
 
 
