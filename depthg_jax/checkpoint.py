@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -251,9 +250,7 @@ def save_export(
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_abandoned_exports(parent)
-    tmp = tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~files.current_umask())
+    with files.atomic_directory(path, prefix=f".export-{os.getpid()}-") as tmp:
         params = jax.device_get({k: params[k] for k in EXPORT_PARAMS})
         with _single_process_checkpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, _PARAMS_DIR), params)
@@ -267,10 +264,6 @@ def save_export(
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)
         integrity.write_manifest(tmp)  # last: an export with a manifest is complete
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def replace_export(

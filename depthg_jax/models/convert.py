@@ -17,7 +17,6 @@ import pickle
 import re
 import shutil
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -285,19 +284,12 @@ def save_backbone(
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"output {out} already exists; choose a new --out directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o777 & ~files.current_umask())  # mkdtemp makes 0700; follow the umask
+    with files.atomic_directory(out, prefix=f".{out.name}.") as tmp:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, params)
+            ckptr.save(Path(tmp) / PARAMS_DIR, params)
             ckptr.wait_until_finished()
         meta = {"variant": variant, "source": source}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _restore_orbax(path: Path, variant: str) -> dict[str, Any]:
