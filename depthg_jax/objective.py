@@ -196,24 +196,6 @@ def probe_losses(params: dict, code: jax.Array, labels: jax.Array, *, model) -> 
     }
 
 
-def compute_losses(
-    params: dict,
-    backbone_params: dict,
-    batch: dict,
-    key: jax.Array,
-    step: jax.Array,
-    *,
-    config: ml_collections.ConfigDict,
-    model: model_lib.Model,
-    num_side: int,
-) -> tuple[jax.Array, dict]:
-    """Total DepthG loss of one global batch and its parts (docs/method.md)."""
-    feats, feats_pos = backbone_features(backbone_params, batch, model=model)
-    return losses_from_features(
-        params, feats, feats_pos, batch, key, step, config=config, model=model, num_side=num_side
-    )
-
-
 def samples_at(config: ml_collections.ConfigDict, step: int) -> int:
     """S for the batch at `step` (host side; the step is recompiled once per distinct S)."""
     return schedules.num_samples_at(

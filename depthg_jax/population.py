@@ -117,21 +117,12 @@ def population_train_step(
     feats, feats_pos = objective.backbone_features(backbone_params, batch, model=model)
 
     def member(params, opt_state, member_hp):
-        grad_fn = jax.value_and_grad(objective.losses_from_features, has_aux=True)
-        (_, out), grads = grad_fn(
-            params,
-            feats,
-            feats_pos,
-            batch,
-            key,
-            state.step,
-            config=config,
-            model=model,
-            num_side=num_side,
-            hp=member_hp,
-        )
         one = train.TrainState(step=state.step, params=params, opt_state=opt_state)
-        new, out["grad_norm"] = train.apply_gradients(one, grads, config, member_hp)
+        new, out = train.update_from_features(
+            one, feats, feats_pos, batch, key, config=config, model=model,
+            num_side=num_side, hp=member_hp,
+        )  # fmt: skip
+        del out["num_samples"]  # shared by all members: one scalar below
         return new.params, new.opt_state, out
 
     params, opt_state, out = jax.vmap(member)(state.params, state.opt_state, hp)

@@ -96,6 +96,39 @@ def apply_gradients(
     return new_state, optax.tree.norm(grads)
 
 
+def update_from_features(
+    state: TrainState,
+    feats: jax.Array,
+    feats_pos: jax.Array,
+    batch: dict,
+    key: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    model: model_lib.Model,
+    num_side: int,
+    hp: dict | None = None,
+    reduce_grads=lambda grads: grads,
+) -> tuple[TrainState, dict]:
+    """Loss, gradient and Adam update given the batch's frozen features: the part of a step
+    that the jit, pmap and population steps share (pmap passes its gradient mean)."""
+    grad_fn = jax.value_and_grad(objective.losses_from_features, has_aux=True)
+    (_, metrics), grads = grad_fn(
+        state.params,
+        feats,
+        feats_pos,
+        batch,
+        key,
+        state.step,
+        config=config,
+        model=model,
+        num_side=num_side,
+        hp=hp,
+    )
+    new_state, metrics["grad_norm"] = apply_gradients(state, reduce_grads(grads), config, hp)
+    metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
+    return new_state, metrics
+
+
 def train_step(
     state: TrainState,
     backbone_params: dict,
@@ -108,19 +141,10 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimiser update on one global batch. RNG is fold_in(root_key, step): resumable."""
     key = jax.random.fold_in(root_key, state.step)
-    grad_fn = jax.value_and_grad(objective.compute_losses, has_aux=True)
-    (_, metrics), grads = grad_fn(
-        state.params,
-        backbone_params,
-        batch,
-        key,
-        state.step,
-        config=config,
-        model=model,
-        num_side=num_side,
+    feats, feats_pos = objective.backbone_features(backbone_params, batch, model=model)
+    new_state, metrics = update_from_features(
+        state, feats, feats_pos, batch, key, config=config, model=model, num_side=num_side
     )
-    new_state, metrics["grad_norm"] = apply_gradients(state, grads, config)
-    metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
     metrics["finite"] = finite.all_finite(metrics, new_state)
     return new_state, metrics
 
@@ -168,21 +192,10 @@ def make_pmap_train_step(config: ml_collections.ConfigDict, model: model_lib.Mod
         local = objective.backbone_features(backbone_params, local_batch, model=model)
         feats, feats_pos = (jax.lax.all_gather(f, axis, tiled=True) for f in local)
         batch = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, tiled=True), local_batch)
-        grad_fn = jax.value_and_grad(objective.losses_from_features, has_aux=True)
-        (_, metrics), grads = grad_fn(
-            state.params,
-            feats,
-            feats_pos,
-            batch,
-            key,
-            state.step,
-            config=config,
-            model=model,
-            num_side=num_side,
-        )
-        grads = jax.lax.pmean(grads, axis)
-        new_state, metrics["grad_norm"] = apply_gradients(state, grads, config)
-        metrics["num_samples"] = jnp.asarray(num_side, jnp.int32)
+        new_state, metrics = update_from_features(
+            state, feats, feats_pos, batch, key, config=config, model=model,
+            num_side=num_side, reduce_grads=lambda grads: jax.lax.pmean(grads, axis),
+        )  # fmt: skip
         metrics["finite"] = finite.all_finite(metrics, new_state)
         return new_state, metrics
 
