@@ -27,9 +27,6 @@ def run_cli(module: str, args, *, check: bool = False) -> subprocess.CompletedPr
 
 def run_in_process(define_flags, run, args) -> int:
     """Parses `args` with a command's own flags (a private FlagValues) and runs it here."""
-    from absl import flags
+    from depthg_jax import commands
 
-    fv = flags.FlagValues()
-    define_flags(fv)
-    fv(["prog", *map(str, args)])
-    return run(fv)
+    return commands.run_with_own_flags("prog", define_flags, run, args)

@@ -73,6 +73,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
+from depthg_jax import commands
 from depthg_jax.data import depth_io
 from depthg_jax.data import images as images_lib
 from depthg_jax.data.depth_io import NearestIs
@@ -542,14 +543,7 @@ def run(fv: flags.FlagValues) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Parses argv (without the program name) with this command's own flags and runs it."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        fv(["python -m depthg_jax.data.depth", *argv])
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run(fv)
+    return commands.run_with_own_flags("python -m depthg_jax.data.depth", define_flags, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from depthg_jax import files
+from depthg_jax import commands, files
 from depthg_jax.models import convert_v2v3, state_dicts
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
@@ -381,14 +381,9 @@ def run(fv: flags.FlagValues) -> int:
 
 def main(argv: list[str]) -> int:
     """Parses argv (without the program name) with this command's own flags and runs it."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        fv(["python -m depthg_jax.models.convert", *argv])
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return run(fv)
+    return commands.run_with_own_flags(
+        "python -m depthg_jax.models.convert", define_flags, run, argv, usage_status=1
+    )
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:
