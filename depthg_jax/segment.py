@@ -192,7 +192,7 @@ def segment_folder(
     from tqdm import tqdm
 
     if batch_size <= 0:
-        raise SegmentError(f"--batch-size={batch_size} must be positive")
+        raise SegmentError(f"--batch_size={batch_size} must be positive")
     check_out_dir(images_dir, out_dir)
     rels = find_images(images_dir)
     names = output_names(rels)
