@@ -12,7 +12,7 @@ speed relative to our v1 forward.
 (the timm venv also has jax/flax; with the project venv, which has no timm, only our
 figures are printed). Both models hold the same random weights; the timings alternate
 ours/timm on each repeat so that machine load affects both alike. Ours is compiled as the
-product compiles it (`depthg_jax.xla.jit`) and, alternating with it, by a plain `jax.jit`
+product compiles it (`depthg_jax.runtime.xla.jit`) and, alternating with it, by a plain `jax.jit`
 with XLA's default options. Reports the median seconds per batch, images/s, the ratio
 ours/timm in images/s and ours against the plain `jax.jit`.
 """
@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import xla
 from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import convert_state_dict
 from depthg_jax.models.vit import get_variant, mlp_hidden
+from depthg_jax.runtime import xla
 
 try:
     import timm
@@ -81,7 +81,7 @@ def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> f
     def apply(p, x):
         return build_backbone(variant, dtype).apply({"params": p}, x)
 
-    forward = xla.jit(apply)  # what the product runs (depthg_jax/xla.py's options)
+    forward = xla.jit(apply)  # what the product runs (depthg_jax/runtime/xla.py's options)
     forward_xla_defaults = jax.jit(apply)
     x = jnp.asarray(images)
     compile_s = timed(lambda: forward(params, x).block_until_ready())

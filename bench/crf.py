@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # `depthg_jax` from this checkout
 
-from depthg_jax import crf  # noqa: E402
+from depthg_jax.evaluation import crf  # noqa: E402
 
 
 def make_inputs(n: int, res: int, classes: int, seed: int = 0):

@@ -14,7 +14,7 @@ Measures, on the first local device, with random weights and one random host bat
    --peak_tflops);
 3. the share of the step spent in FPS: the jitted depth-guided FPS of the step, timed alone,
    over the step's time (and, with --trace_dir, a jax.profiler trace of one step);
-4. the sweep cost: the population step (depthg_jax.population) for P = 1, 8, 32, S/8;
+4. the sweep cost: the population step (depthg_jax.training.population) for P = 1, 8, 32, S/8;
 5. evaluation images/s: the protocol's jitted step (flip on, no CRF) at 320 px, S/8;
 6. side by side, the PyTorch statement of the released step (bench/torch_reference_step.py)
    on the same device (CUDA when torch sees one; its FPS is the release's host loop).
@@ -101,8 +101,9 @@ class SingleStep:
         import jax
         from sweep import peak_bytes
 
-        from depthg_jax import sharding, train
         from depthg_jax.models import model as model_lib
+        from depthg_jax.runtime import sharding
+        from depthg_jax.training import train
 
         self.jax = jax
         mesh = sharding.make_mesh(jax.devices()[:1])
@@ -135,8 +136,8 @@ def backbone_mfu(config, runner, steps, peak_tflops):
     import jax
     import jax.numpy as jnp
 
-    from depthg_jax import xla
-    from depthg_jax.image_ops import normalize_images
+    from depthg_jax.method.image_ops import normalize_images
+    from depthg_jax.runtime import xla
 
     model = runner.model
     images = jnp.concatenate([runner.batch["image"], runner.batch["image_pos"]])
@@ -162,8 +163,9 @@ def fps_seconds(config, runner, steps):
     import jax
     import jax.numpy as jnp
 
-    from depthg_jax import sampling, xla
+    from depthg_jax.method import sampling
     from depthg_jax.models import vit
+    from depthg_jax.runtime import xla
 
     grid = config.data.train_res // vit.patch_size(config.model.variant)
     depths = jnp.concatenate([runner.batch["depth"], runner.batch["depth_pos"]])
@@ -186,8 +188,9 @@ def eval_rate(config, runner, eval_res, steps):
     import jax
     import numpy as np
 
-    from depthg_jax import evaluate, sharding
+    from depthg_jax.evaluation import evaluator
     from depthg_jax.models import model as model_lib
+    from depthg_jax.runtime import sharding
 
     mesh = sharding.make_mesh(jax.devices()[:1])
     b = config.train.batch_size
@@ -202,7 +205,7 @@ def eval_rate(config, runner, eval_res, steps):
         },
         mesh,
     )
-    step = evaluate.make_eval_step(
+    step = evaluator.make_eval_step(
         config.model.variant, int(config.model.dim), str(config.model.dtype),
         int(config.data.n_classes), mesh, flip=True, keep_outputs=False,
     )  # fmt: skip

@@ -19,9 +19,10 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 
 from configs import demo  # noqa: E402
-from depthg_jax import checkpoint, evaluate  # noqa: E402
+from depthg_jax import evaluate  # noqa: E402
 from depthg_jax.data import synthetic  # noqa: E402
 from depthg_jax.models import model as model_lib  # noqa: E402
+from depthg_jax.runtime import checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 For B depth maps at a feature grid size, times, side by side in one run:
   jax      `farthest_point_sample_batch` over the whole batch (one call), compiled as the
-           product compiles it (`depthg_jax.xla.jit`),
+           product compiles it (`depthg_jax.runtime.xla.jit`),
   fpsample `fpsample.fps_sampling(points, n, start_idx=0)` per map in a Python loop,
   numpy    the plain NumPy loop of docs/method.md per map (what the release runs on the host),
 and `depth_fps_coords` end to end (pool 8x, lift, FPS, coordinates) for the 28x28 case,
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import sampling, xla
+from depthg_jax.method import sampling
+from depthg_jax.runtime import xla
 
 
 def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:

@@ -4,7 +4,7 @@
         [--steps=3] [--threads=0]
 
 One process, one random host batch, the COCO ViT-S/8 config (random backbone): for every P
-the population step (depthg_jax.population, P members with different depth weights) is
+the population step (depthg_jax.training.population, P members with different depth weights) is
 compiled first; then the timed steps go round-robin over the P values so that all see the
 same machine load. Prints per P the median step time, its ratio to P = 1, the compile time
 and the compiled program's peak memory (XLA's memory analysis: arguments + outputs + temps,
@@ -75,8 +75,9 @@ class PopulationBench:
     def __init__(self, config, host_batch: dict):
         import jax
 
-        from depthg_jax import population, sharding, sweep
         from depthg_jax.models import model as model_lib
+        from depthg_jax.runtime import sharding
+        from depthg_jax.training import population, sweep
 
         self.jax = jax
         table = sweep.member_table(config)

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import losses, xla
+from depthg_jax.method import losses
 from depthg_jax.models import head as head_lib
+from depthg_jax.runtime import xla
 
 B, GRID, C, K, N, RES = 8, 28, 384, 70, 27, 224
 

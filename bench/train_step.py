@@ -95,8 +95,9 @@ class JaxStep:
     def __init__(self, config, host_batch: dict):
         import jax
 
-        from depthg_jax import sharding, train
         from depthg_jax.models import model as model_lib
+        from depthg_jax.runtime import sharding
+        from depthg_jax.training import train
 
         self.jax = jax
         self.config = config
@@ -126,8 +127,9 @@ class JaxStep:
 
         import jax.numpy as jnp
 
-        from depthg_jax import sampling, xla
-        from depthg_jax.image_ops import normalize_images
+        from depthg_jax.method import sampling
+        from depthg_jax.method.image_ops import normalize_images
+        from depthg_jax.runtime import xla
 
         jax, cfg, batch = self.jax, self.config, self.batch
         images = jnp.concatenate([batch["image"], batch["image_pos"]])

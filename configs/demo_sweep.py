@@ -1,7 +1,7 @@
 """The demo as a sweep: DepthG (corrected) against STEGO and four depth weights, one run.
 
 Six members train side by side on the generated synthetic scenes, sharing one backbone
-forward, one FPS and one batch per step (depthg_jax.population): the demo's DepthG, a STEGO
+forward, one FPS and one batch per step (depthg_jax.training.population): the demo's DepthG, a STEGO
 member (no depth term, uniform random sampling), and DepthG at four other depth weights.
 A few minutes on a 2-core CPU:
 

@@ -24,7 +24,7 @@ OBJECTIVES = ("reference", "corrected")
 DTYPES = ("float32", "bfloat16", "float16")
 CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
-# The hyperparameters a population member may set for itself (depthg_jax.sweep): the name
+# The hyperparameters a population member may set for itself (depthg_jax.training.sweep): the name
 # the loss and optimiser read them by (objective.hparams) -> the config field.
 HPARAM_FIELDS = {
     "intra_weight": "loss.pos_intra_weight",
@@ -155,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
     # image), as the release feeds it: ~15-25% of levels come back one lower).
     config.eval.crf_image = "exact"
 
-    # --- Sweep mode: a population of heads trained in one step (depthg_jax.sweep) ----------
+    # --- Sweep mode: a population of heads trained in one step (depthg_jax.training.sweep) ---
     # Members are named by a grid, seeded random draws, or an explicit list (at most one);
     # all empty: one run. Only per-member fields (HPARAM_FIELDS and loss.sampling) may vary.
     config.sweep = ml_collections.ConfigDict()

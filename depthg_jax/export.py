@@ -16,15 +16,15 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from depthg_jax import checkpoint, seeds
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import checkpoint, seeds
 
 FLAGS = flags.FLAGS
 
 
 def export_run(workdir: str, out: str, step: int | None = None, *, best: bool = False) -> int:
     """Exports the run in `workdir` to `out`; returns the exported step."""
-    from depthg_jax import train
+    from depthg_jax.training import train
 
     config_file = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_file):
@@ -69,7 +69,7 @@ def export_run(workdir: str, out: str, step: int | None = None, *, best: bool = 
 
 def verify(directory: str) -> str:
     """Verifies an export or checkpoint step directory; returns a one-line account."""
-    from depthg_jax import integrity
+    from depthg_jax.runtime import integrity
 
     if os.path.isfile(os.path.join(directory, "config.json")):
         n = checkpoint.verify_export(directory)

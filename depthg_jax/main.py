@@ -8,7 +8,7 @@ population of members. Override any config field with `--config.section.field=va
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from depthg_jax import distributed
+from depthg_jax.runtime import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -23,7 +23,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO.
     distributed.initialize()
     # After initialize(): importing these must not start backends.
-    from depthg_jax import population, sweep, train
+    from depthg_jax.training import population, sweep, train
 
     print(distributed.describe(), flush=True)
     if sweep.is_sweep(FLAGS.config):  # config.sweep names a population

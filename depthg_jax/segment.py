@@ -30,11 +30,12 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from depthg_jax import checkpoint, crf, files
 from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
+from depthg_jax.evaluation import crf
 from depthg_jax.models import model as model_lib
 from depthg_jax.models import vit
+from depthg_jax.runtime import checkpoint, files
 
 OVERLAY_ALPHA = 0.5
 

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax import baselines, summaries
 from depthg_jax.data import palette
+from depthg_jax.evaluation import baselines
+from depthg_jax.training import summaries
 
 
 def test_spherical_kmeans_recovers_separated_directions():

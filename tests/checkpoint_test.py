@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from depthg_jax import checkpoint
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import checkpoint
 
 
 def _state(value):

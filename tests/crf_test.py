@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from depthg_jax import crf
+from depthg_jax.evaluation import crf
 
 
 def make_scene(seed: int, size: int = 48):

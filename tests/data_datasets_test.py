@@ -326,7 +326,7 @@ def test_fps_on_the_release_s_potsdam_depth_takes_the_all_ties_raster_start():
     on which FPS (first index on ties) takes the lowest raster indices."""
     import jax.numpy as jnp
 
-    from depthg_jax import sampling
+    from depthg_jax.method import sampling
 
     zeros = jnp.zeros((1, 32, 32), jnp.float32)
     got = sampling.depth_fps_coords(zeros, feature_hw=(4, 4), num_side=2, mode="reference")

@@ -58,7 +58,7 @@ def make_dataset(root, n, h=20, w=28):
 
 def test_build_knn_table_uses_the_train_crop_and_saves_a_loadable_table(tmp_path):
     from depthg_jax.data.transforms import resize_center_crop
-    from depthg_jax.image_ops import normalize_images
+    from depthg_jax.method.image_ops import normalize_images
 
     src = make_dataset(str(tmp_path), 11)
     pool = lambda images: images.reshape(len(images), -1)  # Every pixel a feature.
@@ -77,7 +77,7 @@ def test_sharded_backbone_features_match_a_plain_apply(tmp_path):
     import jax.numpy as jnp
 
     from depthg_jax.data.transforms import resize_center_crop
-    from depthg_jax.image_ops import normalize_images
+    from depthg_jax.method.image_ops import normalize_images
     from depthg_jax.models.vit import DinoViT
 
     assert jax.device_count() == 8
@@ -132,11 +132,11 @@ def test_the_knn_command_uses_the_trainer_s_backbone_on_imagenet_normalised_crop
     import jax
 
     from depthg_jax import config as config_lib
-    from depthg_jax import seeds
     from depthg_jax.data.transforms import resize_center_crop
-    from depthg_jax.image_ops import normalize_images
+    from depthg_jax.method.image_ops import normalize_images
     from depthg_jax.models import model as model_lib
     from depthg_jax.models.vit import DinoViT
+    from depthg_jax.runtime import seeds
 
     src = make_dataset(str(tmp_path), 10, h=16, w=24)
     config = config_lib.get_config()

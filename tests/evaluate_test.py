@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from depthg_jax import crf, evaluate, image_ops, metrics, reports, sharding
+from depthg_jax import evaluate
+from depthg_jax.evaluation import crf, evaluator, metrics, reports
+from depthg_jax.method import image_ops
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import sharding
 
 N_CLASSES = 6  # the synthetic set's, so the export test reuses the compiled step
 MODEL = ml_collections.ConfigDict({"variant": "mu/8", "dim": 32, "dtype": "float32"})
@@ -124,7 +127,7 @@ def test_evaluate_loader_equals_direct_computation_on_eight_devices(params):
     mesh = sharding.make_mesh()
     assert mesh.devices.size == 8
     with crf.make_crf_pool(2) as pool:
-        got = evaluate.evaluate_loader(
+        got = evaluator.evaluate_loader(
             params,
             MODEL,
             N_CLASSES,
@@ -152,7 +155,7 @@ def test_evaluate_loader_equals_direct_computation_on_eight_devices(params):
 def test_evaluate_loader_same_on_one_device(params):
     batches = make_batches(num_batches=1, num_valid=5)
     one = sharding.make_mesh(jax.devices()[:1])
-    single = evaluate.evaluate_loader(
+    single = evaluator.evaluate_loader(
         params, MODEL, N_CLASSES, batches, flip=False, crf=False, mesh=one, progress=False
     )
     want = direct_confusions(params, batches, flip=False, use_crf=False)
@@ -172,8 +175,8 @@ def test_check_params_names_the_mismatch(params):
 def export_dir(tmp_path_factory, params):
     """A tiny export on a generated synthetic split (6 classes, 32 px evaluation)."""
     from configs import demo
-    from depthg_jax import checkpoint
     from depthg_jax.data import synthetic
+    from depthg_jax.runtime import checkpoint
 
     root = tmp_path_factory.mktemp("eval")
     config = demo.get_config()

@@ -24,22 +24,14 @@ import pytest
 from PIL import Image
 from train_test import tiny_config
 
-from depthg_jax import (
-    checkpoint,
-    evaluate,
-    export,
-    files,
-    integrity,
-    loop,
-    reports,
-    segment,
-    train,
-    workdir,
-)
+from depthg_jax import evaluate, export, segment
 from depthg_jax.data import datasets, five_crop, images, knn
+from depthg_jax.evaluation import reports
 from depthg_jax.models import convert
 from depthg_jax.models import model as model_lib
-from depthg_jax.preemption import Preemption
+from depthg_jax.runtime import checkpoint, files, integrity
+from depthg_jax.runtime.preemption import Preemption
+from depthg_jax.training import loop, train, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

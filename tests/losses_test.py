@@ -1,4 +1,4 @@
-"""depthg_jax.losses against NumPy statements of docs/method.md and PyTorch's own functions."""
+"""depthg_jax.method.losses against NumPy statements of docs/method.md and PyTorch's functions."""
 
 import math
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthg_jax import losses
+from depthg_jax.method import losses
 
 TOL = 1e-5
 # Jitted once per static configuration: eager dispatch of every op is slow on 2 cores.

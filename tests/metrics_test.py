@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from depthg_jax import metrics
+from depthg_jax.evaluation import metrics
 
 
 def reference_scores(preds, labels, n_clusters, n_classes, hungarian):

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from depthg_jax import population, sharding, sweep, train
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import sharding
+from depthg_jax.training import population, sweep, train
 from tests.train_test import random_batch, tiny_config
 
 # Four members that differ in every kind of per-member setting (weights, shifts, depth,

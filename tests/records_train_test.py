@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 
 from configs import demo
-from depthg_jax import train
 from depthg_jax.data import datasets, five_crop, knn, prepare, records
+from depthg_jax.training import train
 
 
 def tiny(**data):

@@ -35,9 +35,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from depthg_jax import checkpoint, segment
+from depthg_jax import segment
 from depthg_jax.models import model as model_lib
 from depthg_jax.models import pth, release
+from depthg_jax.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

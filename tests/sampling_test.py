@@ -1,4 +1,4 @@
-"""depthg_jax.sampling against PyTorch, fpsample and NumPy statements of docs/method.md."""
+"""depthg_jax.method.sampling against PyTorch, fpsample and NumPy statements of docs/method.md."""
 
 import math
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthg_jax import image_ops, sampling
+from depthg_jax.method import image_ops, sampling
 
 TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""depthg_jax.schedules against a direct restatement of the released decay block (docs/settings.md).
+"""depthg_jax.method.schedules against a restatement of the released decay block (docs/settings.md).
 
 The release runs, once per batch b and after that batch's loss, with Lightning's
 global_step = 3·b and N in its own units:
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from configs import cityscapes, coco
-from depthg_jax import sampling, schedules
+from depthg_jax.method import sampling, schedules
 
 NUM_BATCHES = 2334  # the released max_steps 7000 / 3 optimisers
 

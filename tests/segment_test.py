@@ -17,7 +17,7 @@ N_CLASSES = 6
 
 def make_export(path, params=None):
     from configs import demo
-    from depthg_jax import checkpoint
+    from depthg_jax.runtime import checkpoint
 
     config = demo.get_config()
     assert config.data.n_classes == N_CLASSES and config.model.variant == "mu/8"
@@ -108,7 +108,7 @@ def test_segment_labels_follow_the_model_prediction(export_dir, images_dir, tmp_
 
 
 def make_params_like_export(export_dir):
-    from depthg_jax import checkpoint
+    from depthg_jax.runtime import checkpoint
 
     return checkpoint.load_export(export_dir)[1]
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthg_jax import checkpoint, evaluate, loop, population, reports, sharding, sweep, train
 from depthg_jax import config as config_lib
+from depthg_jax.evaluation import evaluator, reports
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import checkpoint, sharding
+from depthg_jax.training import loop, population, sweep, train
 from tests.train_test import tiny_config
 
 GRID = "loss.depth_weight=0,0.3;loss.sampling=fps,random"
@@ -84,7 +86,7 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     # The population's validation of a member equals evaluate_loader on that member alone.
     resolved = config_lib.resolve(sweep_config(), full)
     validator = loop.Validator(resolved, params["backbone"], sharding.make_mesh())
-    alone = evaluate.evaluate_loader(
+    alone = evaluator.evaluate_loader(
         params, cfg.model, cfg.data.n_classes, validator.loader(0), flip=False, crf=False,
         progress=False,
     )  # fmt: skip

@@ -59,7 +59,7 @@ def run(args, devices=8, timeout=300):
 
 
 def exported_params(workdir):
-    from depthg_jax import checkpoint
+    from depthg_jax.runtime import checkpoint
 
     _, params = checkpoint.load_export(str(pathlib.Path(workdir) / "export"))
     return params

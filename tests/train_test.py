@@ -10,8 +10,9 @@ import pytest
 
 from configs import demo
 from depthg_jax import config as config_lib
-from depthg_jax import finite, sharding, train
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import sharding
+from depthg_jax.training import finite, train
 
 
 def tiny_config(**overrides):
@@ -200,7 +201,8 @@ def test_batch_not_divisible_by_devices_is_refused():
 def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_path):
     from PIL import Image
 
-    from depthg_jax import checkpoint, evaluate, segment
+    from depthg_jax import evaluate, segment
+    from depthg_jax.runtime import checkpoint
 
     config = tiny_config(
         **{"train.image_every": 4, "train.eval_every": 2, "train.report_baselines": True}
@@ -274,7 +276,8 @@ def test_non_finite_metrics_stop_the_run_with_a_message():
 def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant, res):
     from PIL import Image
 
-    from depthg_jax import checkpoint, segment
+    from depthg_jax import segment
+    from depthg_jax.runtime import checkpoint
 
     config = tiny_config(
         **{

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from depthg_jax import config as base
-from depthg_jax import objective, sampling, seeds, sharding, train
+from depthg_jax.method import objective, sampling
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import seeds, sharding
+from depthg_jax.training import train
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 NUM_BATCHES = 14
@@ -34,11 +36,11 @@ def _torch_reference():
 
 
 def run_ours(config, batches):
-    """THE adapter to depthg_jax.train: trains on `batches` on a 1-device mesh.
+    """THE adapter to depthg_jax.training.train: trains on `batches` on a 1-device mesh.
 
     Returns the backbone and initial trainable params (host numpy), the final trainable
     params, and per batch the total loss, the S and depth weight λ_d used and the
-    negatives our step drew (recomputed with depthg_jax.sampling from the step's own key,
+    negatives our step drew (recomputed with depthg_jax.method.sampling from the step's own key,
     as the step does).
     """
     mesh = sharding.make_mesh(jax.devices()[:1])

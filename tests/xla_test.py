@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from depthg_jax import xla
+from depthg_jax.runtime import xla
 
 
 def _dense_and_reduce(w, x):
@@ -80,7 +80,7 @@ def test_choosing_compiler_options_is_refused():
 def test_module_level_jits_do_not_start_backends_at_import():
     # jax.distributed.initialize() must be able to run after our modules are imported.
     code = (
-        "import depthg_jax.models.model, depthg_jax.train, depthg_jax.evaluate\n"
+        "import depthg_jax.models.model, depthg_jax.training.train, depthg_jax.evaluate\n"
         "from jax._src import xla_bridge\n"
         "assert not xla_bridge.backends_are_initialized()\n"
     )

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from depthg_jax.data.images import DEPTH_SUFFIXES
-from depthg_jax.files import write_atomic
+from depthg_jax.runtime.files import write_atomic
 
 NearestIs = Literal["small", "large"]
 FORMATS = tuple(DEPTH_SUFFIXES)

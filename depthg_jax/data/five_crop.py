@@ -23,8 +23,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from depthg_jax import files
 from depthg_jax.data import datasets, depth_io, images
+from depthg_jax.runtime import files
 
 NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}

@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from depthg_jax.data import datasets, streams
-from depthg_jax.image_ops import l2_normalize, normalize_images
+from depthg_jax.method.image_ops import l2_normalize, normalize_images
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_k
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from depthg_jax import sharding, xla
     from depthg_jax.models.head import channel_dropout
+    from depthg_jax.runtime import sharding, xla
 
     mesh = sharding.make_mesh()
     batch_sharding = sharding.batch_sharding(mesh)
@@ -321,8 +321,8 @@ def make_knn_table(
     """
     import jax
 
-    from depthg_jax import distributed, seeds
     from depthg_jax.models import model as model_lib
+    from depthg_jax.runtime import distributed, seeds
 
     data_cfg = config.data
     variant = data_cfg.get("knn_variant", "") or config.model.variant
@@ -362,7 +362,7 @@ def main(argv: Sequence[str]) -> None:
     import jax
     from absl import flags
 
-    from depthg_jax import distributed
+    from depthg_jax.runtime import distributed
 
     del argv
     distributed.initialize()
@@ -378,7 +378,7 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from depthg_jax import distributed
+    from depthg_jax.runtime import distributed
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_integer("per_device_batch", 8, "Images per device per step.")

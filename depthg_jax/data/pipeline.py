@@ -17,8 +17,8 @@ from typing import Any
 
 import grain
 
-from depthg_jax import sharding
 from depthg_jax.data import datasets, knn, streams
+from depthg_jax.runtime import sharding
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from depthg_jax import commands, files
+from depthg_jax import commands
 from depthg_jax.models import convert_v2v3, state_dicts
 from depthg_jax.models.pth import load_pth
 from depthg_jax.models.vit import VARIANTS, get_variant
+from depthg_jax.runtime import files
 
 OFFICIAL_URLS: dict[str, str] = {
     "S/16": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",

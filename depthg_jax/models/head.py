@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthg_jax.image_ops import l2_normalize
+from depthg_jax.method.image_ops import l2_normalize
 
 # F.normalize's default eps.
 NORMALIZE_EPS = 1e-12

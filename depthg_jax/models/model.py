@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from depthg_jax import xla
-from depthg_jax.image_ops import normalize_images, resize_bilinear
+from depthg_jax.method.image_ops import normalize_images, resize_bilinear
 from depthg_jax.models import backbones, head, vit
+from depthg_jax.runtime import xla
 
 PARAM_KEYS = ("backbone", "head", "cluster_probe", "linear_probe")
 TRAINABLE_KEYS = ("head", "cluster_probe", "linear_probe")

@@ -367,8 +367,8 @@ def import_checkpoint(
     dataset: str | None = None,
 ) -> dict[str, Any]:
     """Converts a released Lightning checkpoint into an export at `out`; returns source.json."""
-    from depthg_jax import checkpoint as export_io
     from depthg_jax.models import model as model_lib
+    from depthg_jax.runtime import checkpoint as export_io
 
     checkpoint, out = Path(checkpoint).absolute(), Path(out).absolute()
     if out.exists():

@@ -1,4 +1,4 @@
-"""Sweep mode: a population of DepthG heads trained in one jitted step (depthg_jax.sweep).
+"""Sweep mode: a population of DepthG heads trained in one jitted step (depthg_jax.training.sweep).
 
 The population's state is a `train.TrainState` whose params and optimiser state carry a
 leading member axis P (the step count is shared). One step runs the frozen backbone once on
@@ -28,26 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthg_jax import (
-    checkpoint,
-    distributed,
-    files,
-    finite,
-    loop,
-    metrics,
-    objective,
-    reports,
-    sharding,
-    sweep,
-    train,
-    xla,
-)
 from depthg_jax import config as config_lib
-from depthg_jax import workdir as workdir_lib
-from depthg_jax.image_ops import normalize_images, resize_bilinear
-from depthg_jax.metric_writer import MetricWriter
+from depthg_jax.evaluation import metrics, reports
+from depthg_jax.method import objective
+from depthg_jax.method.image_ops import normalize_images, resize_bilinear
 from depthg_jax.models import backbones, head
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import checkpoint, distributed, files, sharding, xla
+from depthg_jax.runtime.metric_writer import MetricWriter
+from depthg_jax.training import finite, loop, sweep, train
+from depthg_jax.training import workdir as workdir_lib
 
 # --------------------------------------------------------------------------------------
 # State and hyperparameters

@@ -18,22 +18,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from depthg_jax import (
-    baselines,
-    checkpoint,
-    distributed,
-    finite,
-    loop,
-    objective,
-    reports,
-    sharding,
-    summaries,
-    xla,
-)
 from depthg_jax import config as config_lib
-from depthg_jax import workdir as workdir_lib
-from depthg_jax.metric_writer import MetricWriter
+from depthg_jax.evaluation import baselines, reports
+from depthg_jax.method import objective
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import checkpoint, distributed, sharding, xla
+from depthg_jax.runtime.metric_writer import MetricWriter
+from depthg_jax.training import finite, loop, summaries
+from depthg_jax.training import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -232,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = config_lib.resolve(config, workdir)
     if config.sweep.grid or config.sweep.random or config.sweep.members:
         raise ValueError(
-            "config.sweep names a population: train it with depthg_jax.population."
+            "config.sweep names a population: train it with depthg_jax.training.population."
             "train_and_evaluate (python -m depthg_jax.main does)"
         )
     run = loop.start_run(

@@ -8,9 +8,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from depthg_jax import files
 from depthg_jax.data import palette
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import files
 
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from depthg_jax import files
+from depthg_jax.runtime import files
 
 PROBES = ("cluster", "linear")
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax.image_ops import _check_rank, _pair, average_pool, grid_sample
+from depthg_jax.method.image_ops import _check_rank, _pair, average_pool, grid_sample
 
 MODES = ("reference", "corrected")
 
@@ -107,7 +107,7 @@ def farthest_point_sample(points: jax.Array, num_samples: int, start: int = 0) -
     repeatedly takes the unselected point with the largest one, first index on ties (the
     released `fps`). Jittable and vmappable (`start` may be traced); for many clouds at once
     use `farthest_point_sample_batch` (~2.5x faster than a vmap of this when compiled with
-    `depthg_jax.xla.jit` on CPU).
+    `depthg_jax.runtime.xla.jit` on CPU).
     """
     _check_rank("points", points, 2, "(N, D)")
     start = jnp.asarray(start, jnp.int32)[None]

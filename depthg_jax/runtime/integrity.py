@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from depthg_jax import files
+from depthg_jax.runtime import files
 
 MANIFEST = "MANIFEST.json"
 _FORMAT = 1

@@ -1,7 +1,7 @@
 """The DepthG objective: STEGO correlation terms, the depth-feature term, probe losses.
 
 Pure JAX, NHWC, no hidden randomness: sample coordinates and negative permutations are
-arguments (see `depthg_jax.sampling`). Each public function mirrors a function of the
+arguments (see `depthg_jax.method.sampling`). Each public function mirrors a function of the
 released PyTorch code (docs/method.md) so parity can be checked term by term. The terms are
 unweighted; the trainer applies the λ weights.
 """
@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from depthg_jax import image_ops, sampling
+from depthg_jax.method import image_ops, sampling
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # The release's "no clamp" lower bound when zero_clamp is off.

@@ -14,24 +14,16 @@ from typing import Any
 import jax
 import ml_collections
 
-from depthg_jax import (
-    checkpoint,
-    distributed,
-    evaluate,
-    finite,
-    objective,
-    reports,
-    seeds,
-    setup_data,
-    sharding,
-    summaries,
-)
 from depthg_jax import config as config_lib
-from depthg_jax import workdir as workdir_lib
 from depthg_jax.data import pipeline
-from depthg_jax.metric_writer import MetricWriter
+from depthg_jax.evaluation import evaluator, reports
+from depthg_jax.method import objective
 from depthg_jax.models import model as model_lib
-from depthg_jax.preemption import Preemption
+from depthg_jax.runtime import checkpoint, distributed, seeds, sharding
+from depthg_jax.runtime.metric_writer import MetricWriter
+from depthg_jax.runtime.preemption import Preemption
+from depthg_jax.training import finite, setup_data, summaries
+from depthg_jax.training import workdir as workdir_lib
 
 
 def check_eval_split(config: ml_collections.ConfigDict) -> None:
@@ -79,7 +71,7 @@ class Validator:
         )
 
     def __call__(self, trainable: dict) -> dict:
-        return evaluate.evaluate_loader(
+        return evaluator.evaluate_loader(
             model_lib.full_params(self.backbone_params, trainable),
             self.config.model,
             self.config.data.n_classes,

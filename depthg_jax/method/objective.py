@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from depthg_jax import config as config_lib
-from depthg_jax import losses, sampling, schedules
-from depthg_jax.image_ops import normalize_images
+from depthg_jax.method import losses, sampling, schedules
+from depthg_jax.method.image_ops import normalize_images
 from depthg_jax.models import head as head_lib
 from depthg_jax.models import model as model_lib
 
@@ -22,7 +22,7 @@ def hparams(config: ml_collections.ConfigDict) -> dict:
     """The per-member hyperparameters of a config as float32 scalars (a pytree).
 
     The loss and the optimiser read these rather than the config's Python floats, so a single
-    run and each member of a population (depthg_jax.population, where every leaf gains a
+    run and each member of a population (depthg_jax.training.population, where every leaf gains a
     member axis) share one code path. Keys: config_lib.HPARAM_FIELDS.
     """
     out = {}

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from depthg_jax import image_ops, metrics, sharding, xla
+from depthg_jax.evaluation import metrics
+from depthg_jax.method import image_ops
 from depthg_jax.models import model as model_lib
+from depthg_jax.runtime import sharding, xla
 
 
 def _normalize(x: jax.Array) -> jax.Array:

@@ -193,7 +193,7 @@ def swept_fields(table: list[dict]) -> list[str]:
 def write_table(table: list[dict], workdir: str) -> str:
     """Writes <workdir>/sweep_members.json (the resolved member table); returns its path."""
     path = os.path.join(workdir, "sweep_members.json")
-    from depthg_jax import files
+    from depthg_jax.runtime import files
 
     files.write_text_atomic(path, json.dumps(table, indent=2))
     return path

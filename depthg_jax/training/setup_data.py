@@ -11,8 +11,8 @@ import os
 import jax
 import ml_collections
 
-from depthg_jax import distributed
 from depthg_jax.data import knn, synthetic
+from depthg_jax.runtime import distributed
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:

@@ -26,7 +26,7 @@ import time
 
 import ml_collections
 
-from depthg_jax import files
+from depthg_jax.runtime import files
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -126,7 +126,7 @@ class WorkdirLock:
 def exclusive(train_fn):
     """Decorates train_fn(config, workdir, ...): the workdir lock (process 0) and the
     SIGTERM/SIGINT flag are held from the very start to the end."""
-    from depthg_jax.preemption import Preemption
+    from depthg_jax.runtime.preemption import Preemption
 
     @functools.wraps(train_fn)
     def wrapper(config, workdir, *args, **kwargs):
@@ -351,7 +351,7 @@ def truncate_metrics(workdir: str, step: int) -> int:
 
 def finished_results(workdir: str, step: int, num_steps: int) -> dict | None:
     """results.json of a run that already finished at `num_steps` with its export intact."""
-    from depthg_jax import checkpoint
+    from depthg_jax.runtime import checkpoint
 
     path = os.path.join(workdir, "results.json")
     if step != num_steps or not os.path.isfile(path):

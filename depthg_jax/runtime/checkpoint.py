@@ -20,9 +20,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from depthg_jax import files, integrity
 from depthg_jax.models.model import PARAM_KEYS as EXPORT_PARAMS
 from depthg_jax.models.model import check_params
+from depthg_jax.runtime import files, integrity
 
 _CONFIG_FILE = "config.json"
 _PARAMS_DIR = "params"
