@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax.models import convert_v2v3, state_dicts, vit
+from depthg_jax.models import convert_v2v3, vit
 from depthg_jax.models.depth_anything import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -196,14 +196,12 @@ def _to_flax(key: str, value: np.ndarray, factors: tuple[float, ...]) -> np.ndar
     return value.transpose(2, 3, 1, 0)  # Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
 
 
-def expected_params(spec: DepthAnythingSpec, num_positions: int) -> dict:
-    """The abstract params tree (shapes only) of DepthAnything(spec) with a stored position
-    grid of ``num_positions`` patches."""
-    g = int(round(num_positions**0.5))
+def expected_neck_and_head(spec: DepthAnythingSpec) -> dict:
+    """The abstract {"neck": ..., "head": ...} params (shapes only) of DepthAnything(spec)."""
     p = vit.patch_size(spec.encoder)
-    images = jax.ShapeDtypeStruct((1, g * p, g * p, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, 4 * p, 4 * p, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: DepthAnything(spec).init(jax.random.key(0), x), images)
-    return shapes["params"]
+    return {k: v for k, v in shapes["params"].items() if k != "backbone"}
 
 
 def convert_neck_and_head(state: dict[str, np.ndarray], factors: tuple[float, ...]) -> dict:
@@ -229,10 +227,9 @@ def convert_state_dict(state: dict[str, np.ndarray], spec: DepthAnythingSpec) ->
     check_spec(spec)
     encoder, rest = split_backbone(state)
     params = convert_neck_and_head(rest, spec.reassemble_factors)
+    _check_tree(params, expected_neck_and_head(spec))
+    # The encoder's keys and shapes (position grid included) are checked by its converter.
     params["backbone"] = convert_v2v3.convert_state_dict_v2v3(encoder, spec.encoder)
-    n = state_dicts.num_positions(encoder)
-    want = expected_params(spec, n)
-    _check_tree(params, want)
     return params
 
 
