@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from depthg_jax.models.model import PARAM_KEYS as EXPORT_PARAMS
-from depthg_jax.models.model import check_params
+from depthg_jax.models.model import ModelSpec, check_params
 from depthg_jax.runtime import files, integrity
 
 _CONFIG_FILE = "config.json"
@@ -157,8 +157,11 @@ def restore_train_state(
                 _set_aside(manager, int(candidate))
     if failures:
         raise CheckpointUnusable(
-            "no intact checkpoint to resume from: " + "; ".join(failures)
-            + ". Remove the checkpoints (and logs) or set --config.train.restart=True to start over"
+            "no intact checkpoint could be restored: " + "; ".join(failures) + ". Check each with "
+            "`python -m depthg_jax.export --verify=<checkpoint step dir>`: where it says intact, "
+            "the files are sound and what reads them differs (another config or version), so "
+            "keep them; where not, --config.train.restart=True starts over and moves the old "
+            "run aside (nothing is deleted)"
         )
     return None
 
@@ -367,12 +370,6 @@ def load_selection(path: str) -> dict | None:
 def _check_export_params(path: str, config: ml_collections.ConfigDict, params: dict) -> None:
     """An export whose params do not fit its own config is refused, naming both sides."""
     try:
-        check_params(
-            params,
-            variant=config.model.variant,
-            dim=config.model.dim,
-            n_classes=config.data.n_classes,
-            where=path,
-        )
+        check_params(params, ModelSpec.from_config(config), where=path)
     except KeyError as e:
         raise ValueError(f"export {path} lacks parameter {e} of its model") from e
