@@ -34,9 +34,9 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+for _path in (REPO, os.path.join(REPO, "tests"), os.path.dirname(os.path.abspath(__file__))):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)  # configs, depthg_jax, the tests' helpers, the other benches
 
 # Dense peak FLOP/s per device kind (vendor data sheets; SXM parts): (float32, bfloat16).
 # float32 is the non-tensor-core rate: XLA's "default" precision may use TF32 and exceed it.
@@ -95,38 +95,32 @@ def mib(x) -> str:
 
 
 class SingleStep:
-    """The single run's jitted step (train.make_train_step), compiled ahead of time."""
+    """The single run's jitted step (training.step.make_train_step), compiled ahead of time."""
 
     def __init__(self, config, host_batch):
         import jax
+        from support import make_program, setup
         from sweep import peak_bytes
 
-        from depthg_jax.models import model as model_lib
         from depthg_jax.runtime import sharding
-        from depthg_jax.training import train
 
         self.jax = jax
         mesh = sharding.make_mesh(jax.devices()[:1])
-        self.model = model_lib.build_model(config.model, config.data.n_classes)
-        k_backbone, k_state, self.k_step = jax.random.split(jax.random.key(0), 3)
-        self.backbone = sharding.replicate(
-            model_lib.init_backbone(config.model, k_backbone), mesh
-        )
-        self.state = sharding.replicate(
-            train.create_train_state(config, self.model, k_state), mesh
-        )
+        self.spec, self.backbone, self.state, self.k_step, self.hp = setup(config, mesh)
         self.batch = sharding.host_to_global(host_batch, mesh)
         self.num_side = config.loss.feature_samples
-        step = train.make_train_step(config, self.model, mesh)
+        step = make_program(config, mesh)
         start = time.perf_counter()
         self.compiled = step.lower(
-            self.state, self.backbone, self.batch, self.k_step, num_side=self.num_side
+            self.state, self.backbone, self.batch, self.k_step, self.hp, num_side=self.num_side
         ).compile()
         self.compile_s = time.perf_counter() - start
         self.peak = peak_bytes(self.compiled)
 
     def __call__(self):
-        self.state, out = self.compiled(self.state, self.backbone, self.batch, self.k_step)
+        self.state, out = self.compiled(
+            self.state, self.backbone, self.batch, self.k_step, self.hp
+        )
         self.jax.block_until_ready((self.state, out))
         return out
 
@@ -139,13 +133,13 @@ def backbone_mfu(config, runner, steps, peak_tflops):
     from depthg_jax.method.image_ops import normalize_images
     from depthg_jax.runtime import xla
 
-    model = runner.model
+    spec = runner.spec
     images = jnp.concatenate([runner.batch["image"], runner.batch["image_pos"]])
 
     @xla.jit
     def forward(params, images):
-        with model.precision():
-            return model.backbone.apply({"params": params}, normalize_images(images))
+        with spec.precision():
+            return spec.backbone.apply({"params": params}, normalize_images(images))
 
     compiled = forward.lower(runner.backbone, images).compile()
     cost = compiled.cost_analysis()
@@ -205,10 +199,10 @@ def eval_rate(config, runner, eval_res, steps):
         },
         mesh,
     )
-    step = evaluator.make_eval_step(
-        config.model.variant, int(config.model.dim), str(config.model.dtype),
-        int(config.data.n_classes), mesh, flip=True, keep_outputs=False,
-    )  # fmt: skip
+    spec = model_lib.ModelSpec.from_config(config)
+    step = evaluator.Evaluator(
+        evaluator.head_predictor(spec, flip=True), spec.n_classes, mesh
+    ).step
     params = sharding.replicate(
         model_lib.full_params(jax.device_get(runner.backbone), jax.device_get(runner.state.params)),
         mesh,

@@ -41,7 +41,7 @@ def main() -> None:
         synthetic.generate_dataset(
             config.data.root, num_train=1, num_val=args.images, size=args.res, seed=0
         )
-        params = model_lib.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=6)
+        params = model_lib.init_params(model_lib.ModelSpec("mu/8", 32, 6), jax.random.key(0))
         export = os.path.join(tmp, "export")
         checkpoint.save_export(export, config, params)
         for use_crf in (False, True, False):  # the first run also compiles

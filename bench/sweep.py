@@ -20,9 +20,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+for _path in (REPO, os.path.join(REPO, "tests"), os.path.dirname(os.path.abspath(__file__))):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)  # configs, depthg_jax, the tests' helpers, the other benches
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,27 +74,20 @@ class PopulationBench:
 
     def __init__(self, config, host_batch: dict):
         import jax
+        from support import setup_population
 
-        from depthg_jax.models import model as model_lib
         from depthg_jax.runtime import sharding
-        from depthg_jax.training import population, sweep
+        from depthg_jax.training import sweep
 
         self.jax = jax
         table = sweep.member_table(config)
         self.num_members = len(table)
         self.num_side = config.loss.feature_samples
         mesh = sharding.make_mesh()
-        model = model_lib.build_model(config.model, config.data.n_classes)
-        k_backbone, k_state, self.k_step = jax.random.split(jax.random.key(0), 3)
-        self.backbone = sharding.replicate(model_lib.init_backbone(config.model, k_backbone), mesh)
-        self.state = sharding.replicate(
-            population.create_population_state(config, model, k_state, len(table)), mesh
+        _, self.backbone, self.state, self.k_step, self.hp, step = setup_population(
+            config, table, mesh
         )
-        self.hp = sharding.replicate(population.member_hparams(table), mesh)
         self.batch = sharding.host_to_global(host_batch, mesh)
-        step = population.make_population_step(
-            population.shared_config(config, table), model, mesh
-        )
         start = time.perf_counter()
         self.compiled = step.lower(
             self.state, self.backbone, self.batch, self.k_step, self.hp, num_side=self.num_side

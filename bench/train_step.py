@@ -25,8 +25,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # `configs` and `depthg_jax` from this checkout
+for path in (REPO, os.path.join(REPO, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)  # `configs`, `depthg_jax` and the tests' helpers (support.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,27 +57,9 @@ def limit_threads(threads: int) -> int:
 
 
 def make_host_batch(batch: int, res: int, n_classes: int, seed: int) -> dict:
-    import numpy as np
+    from support import random_host_batch
 
-    rng = np.random.default_rng(seed)
-
-    def images():
-        return rng.integers(0, 256, (batch, res, res, 3), dtype=np.uint8)
-
-    def depth():
-        return rng.uniform(0, 255, (batch, res, res)).astype(np.float32)
-
-    def labels():
-        return rng.integers(-1, n_classes, (batch, res, res)).astype(np.int32)
-
-    return {
-        "image": images(),
-        "image_pos": images(),
-        "depth": depth(),
-        "depth_pos": depth(),
-        "label": labels(),
-        "label_pos": labels(),
-    }
+    return random_host_batch(batch, res, n_classes, seed)
 
 
 def make_config(variant: str, batch: int, res: int):
@@ -94,29 +77,21 @@ class JaxStep:
 
     def __init__(self, config, host_batch: dict):
         import jax
+        from support import make_program, setup
 
-        from depthg_jax.models import model as model_lib
         from depthg_jax.runtime import sharding
-        from depthg_jax.training import train
 
         self.jax = jax
         self.config = config
         self.num_side = config.loss.feature_samples
         mesh = sharding.make_mesh()
-        self.models = model_lib.build_model(config.model, config.data.n_classes)
-        k_backbone, k_state, self.k_step = jax.random.split(jax.random.key(0), 3)
-        self.backbone = sharding.replicate(
-            model_lib.init_backbone(config.model, k_backbone), mesh
-        )
-        self.state = sharding.replicate(
-            train.create_train_state(config, self.models, k_state), mesh
-        )
-        self.step_fn = train.make_train_step(config, self.models, mesh)
+        self.spec, self.backbone, self.state, self.k_step, self.hp = setup(config, mesh)
+        self.step_fn = make_program(config, mesh)
         self.batch = sharding.host_to_global(host_batch, mesh)
 
     def step(self) -> float:
         self.state, metrics = self.step_fn(
-            self.state, self.backbone, self.batch, self.k_step, num_side=self.num_side
+            self.state, self.backbone, self.batch, self.k_step, self.hp, num_side=self.num_side
         )
         self.jax.block_until_ready((self.state, metrics))
         return float(metrics["loss"])
@@ -137,7 +112,7 @@ class JaxStep:
 
         @xla.jit
         def backbone(params, images):
-            return self.models.backbone.apply({"params": params}, normalize_images(images))
+            return self.spec.backbone.apply({"params": params}, normalize_images(images))
 
         grid = cfg.data.train_res // int(cfg.model.variant.split("/")[1])
         fps = xla.jit(

@@ -12,7 +12,7 @@ best member's export (the member picked on the evaluation split's labels, as the
 picks its checkpoint; the table says so).
 """
 
-from configs import demo
+from depthg_jax import config as base
 
 MEMBERS = "|".join(
     [
@@ -27,7 +27,7 @@ MEMBERS = "|".join(
 
 
 def get_config():
-    config = demo.get_config()
+    config = base.sibling_config(__file__, "demo")
     config.sweep.members = MEMBERS
     config.train.report_baselines = False  # The baselines are the single demo's (configs/demo.py).
     config.train.image_every = 0

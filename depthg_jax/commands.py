@@ -1,14 +1,73 @@
-"""Running a command with its own absl flags (a private FlagValues), so that commands can be
-called in-process (tests, notebooks) as well as by `python -m` without clashing flags."""
+"""What every command shares: `--help` that lists the command's own flags and exits 0, and one
+`error:` line for a known fault (the traceback only with `--verbose`).
+
+`run_main(main)` replaces `absl.app.run(main)` for commands on the global FLAGS;
+`run_with_own_flags` runs a command on a private FlagValues, so it can be called in-process
+(tests, notebooks) as well as by `python -m` without clashing flags.
+"""
 
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from absl import flags
 
-HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
+HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull")
+VERBOSE_FLAG = "--verbose"
+# The faults our code names in its messages; anything else is a bug and keeps its traceback.
+KNOWN_FAULTS = (OSError, ValueError, FloatingPointError, MemoryError, RuntimeError)
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def format_help(fv: flags.FlagValues, doc: str | None = None) -> str:
+    """The command's description and the flags its own modules define (not absl's)."""
+    parts = [doc.strip()] if doc else []
+    for module in sorted(fv.flags_by_module_dict()):
+        if module.startswith(("absl.", "absl")):
+            continue
+        parts.append(fv.module_help(module))
+    parts.append(f"{VERBOSE_FLAG}: on an error, print the traceback after the error line")
+    return "\n\n".join(parts)
+
+
+def report_error(e: BaseException, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    message = str(e) or type(e).__name__
+    hint = "" if verbose else f" (run with {VERBOSE_FLAG} for the traceback)"
+    print(f"error: {message}{hint}", file=sys.stderr)
+
+
+def run_main(main: Callable[[list[str]], object], doc: str | None = None) -> None:
+    """absl.app.run(main) with `--help` (exit 0) and one error line for a known fault."""
+    from absl import app
+
+    argv = list(sys.argv)
+    if wants_help(argv[1:]):
+        print(format_help(flags.FLAGS, doc if doc is not None else _main_doc()))
+        sys.exit(0)
+    verbose = VERBOSE_FLAG in argv[1:]
+    if verbose:
+        argv.remove(VERBOSE_FLAG)
+
+    def guarded(args):
+        try:
+            return main(args)
+        except KNOWN_FAULTS as e:
+            report_error(e, verbose)
+            sys.exit(1)
+
+    app.run(guarded, argv=argv)
+
+
+def _main_doc() -> str | None:
+    module = sys.modules.get("__main__")
+    return getattr(module, "__doc__", None)
 
 
 def run_with_own_flags(
@@ -18,22 +77,26 @@ def run_with_own_flags(
     argv: Sequence[str],
     *,
     usage_status: int = 2,
+    doc: str | None = None,
 ) -> int:
     """Defines the command's flags on a fresh FlagValues, parses argv (without the program
-    name) and runs it; a flag error prints `error: ...` and returns usage_status.
-
-    `--help` (also -h, -?, --helpshort, --helpfull) prints the usage and every flag of the
-    command with its help and default to stdout and returns 0 without running anything.
-    """
+    name) and runs it; `--help` prints the flags and returns 0; a flag error prints
+    `error: ...` and returns usage_status; a known fault one error line and 1."""
     fv = flags.FlagValues()
     define_flags(fv)
-    if any(str(a).split("=")[0] in HELP_FLAGS for a in argv):
-        print(f"usage: {prog} [--flag=value ...]\n")
-        print(fv.get_help(include_special_flags=False).strip())
+    argv = [str(a) for a in argv]
+    if wants_help(argv):
+        print(format_help(fv, doc or f"{prog}"))
         return 0
+    verbose = VERBOSE_FLAG in argv
+    argv = [a for a in argv if a != VERBOSE_FLAG]
     try:
-        fv([prog, *map(str, argv)])
+        fv([prog, *argv])
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         return usage_status
-    return run(fv)
+    try:
+        return run(fv)
+    except KNOWN_FAULTS as e:
+        report_error(e, verbose)
+        return 1

@@ -4,17 +4,18 @@ protocol on an export (depthg_jax.evaluation.evaluator), with its report."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from depthg_jax import commands
 from depthg_jax import config as config_lib
 from depthg_jax.data import palette, pipeline
 from depthg_jax.evaluation import reports
 from depthg_jax.evaluation.evaluator import evaluate_loader
+from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import checkpoint, distributed, sharding
 
 # --- Command line ------------------------------------------------------------------------------
@@ -80,8 +81,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     )
     results = evaluate_loader(
         params,
-        config.model,
-        config.data.n_classes,
+        model_lib.ModelSpec.from_config(config),
         loader,
         flip=config.eval.flip,
         crf=config.eval.crf,
@@ -119,13 +119,9 @@ def main(argv):
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint=DIR is required (an export directory)")
     distributed.initialize()
-    try:
-        results, names, paths, selection = run(
-            FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    results, names, paths, selection = run(
+        FLAGS.checkpoint, FLAGS.config, FLAGS.out, FLAGS.max_batches
+    )
     if jax.process_index() == 0:
         print(reports.describe_checkpoint(FLAGS.checkpoint, selection))
         print(reports.format_table(results))
@@ -137,4 +133,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    commands.run_main(main)

@@ -1,13 +1,15 @@
 """Entry point: `python -m depthg_jax.main --config=configs/coco.py --workdir=DIR`.
 
 Parses flags, initialises multi-host JAX when several processes run, and hands over to
-`train.train_and_evaluate`, or to `population.train_and_evaluate` when config.sweep names a
-population of members. Override any config field with `--config.section.field=value`.
+`training.trainer.train_and_evaluate`, or to `training.population.train_and_evaluate` when
+config.sweep names a population of members. Override any config field with
+`--config.section.field=value`.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from depthg_jax import commands
 from depthg_jax.runtime import distributed
 
 FLAGS = flags.FLAGS
@@ -23,14 +25,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO.
     distributed.initialize()
     # After initialize(): importing these must not start backends.
-    from depthg_jax.training import population, sweep, train
+    from depthg_jax.training import population, sweep, trainer
 
     print(distributed.describe(), flush=True)
     if sweep.is_sweep(FLAGS.config):  # config.sweep names a population
         population.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    commands.run_main(main)

@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from depthg_jax import commands
 from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
 from depthg_jax.evaluation import crf
@@ -120,10 +121,10 @@ class Segmenter:
         self.probe, self.use_crf = probe, use_crf
         self.n_classes = int(config.data.n_classes)
         self.pool = None
-        self._predict = model_lib.predict_fn(config.model, self.n_classes)
+        self.spec = model_lib.ModelSpec.from_config(config)
 
     def labels(self, images: np.ndarray, count: int) -> np.ndarray:
-        out = self._predict(self.params, images, flip=True)
+        out = model_lib.predict(self.params, images, self.spec, True)
         key = "cluster_log_probs" if self.probe == "cluster" else "linear_logits"
         scores = np.asarray(out[key])[:count]
         if not self.use_crf:
@@ -295,4 +296,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    commands.run_main(main)

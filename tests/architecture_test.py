@@ -8,11 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "depthg_jax"
 REPO = PACKAGE.parent
-# Modules that drive runs or write reports: data/ and models/ must never import them.
-DRIVERS = {
-    "train", "evaluate", "main", "segment", "export", "baselines", "summaries", "reports",
-    "setup_data", "metric_writer", "preemption", "population", "loop", "objective", "finite",
-}  # fmt: skip
+# The layers, by folder (README, Layout): commands -> drivers (training/, evaluation/) ->
+# runtime/, data/, models/ -> method/.
+COMMANDS = {"main", "evaluate", "segment", "export"}
+DRIVERS = ("depthg_jax.training", "depthg_jax.evaluation")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -76,15 +75,61 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle(edges) == ["a", "b", "c", "a"]
 
 
-def test_data_and_models_import_no_driver():
-    upward = [
+def _layer_violations(sources: tuple[str, ...], forbidden) -> list[tuple[str, str]]:
+    return [
         (m, t)
         for m, targets in import_graph().items()
-        if m.startswith(("depthg_jax.data", "depthg_jax.models"))
+        if m.startswith(sources)
         for t in targets
-        if t.removeprefix("depthg_jax.") in DRIVERS
+        if forbidden(t)
     ]
-    assert not upward, upward
+
+
+def _is_command(target: str) -> bool:
+    return target.removeprefix("depthg_jax.") in COMMANDS
+
+
+def test_method_models_data_and_runtime_import_no_driver_and_no_command():
+    lower = ("depthg_jax.method", "depthg_jax.models", "depthg_jax.data", "depthg_jax.runtime")
+    bad = _layer_violations(lower, lambda t: t.startswith(DRIVERS) or _is_command(t))
+    assert not bad, bad
+
+
+def test_evaluation_imports_nothing_from_training():
+    bad = _layer_violations(("depthg_jax.evaluation",), lambda t: t.startswith(DRIVERS[0]))
+    assert not bad, bad
+
+
+def test_no_module_imports_a_command():
+    bad = _layer_violations(("depthg_jax",), _is_command)
+    assert not bad, bad
+
+
+def test_the_layer_check_finds_a_planted_upward_import(tmp_path, monkeypatch):
+    graph = {"depthg_jax.data.x": {"depthg_jax.training.loop"}, "depthg_jax.training.loop": set()}
+    monkeypatch.setattr(sys.modules[__name__], "import_graph", lambda: graph)
+    assert _layer_violations(("depthg_jax.data",), lambda t: t.startswith(DRIVERS)) == [
+        ("depthg_jax.data.x", "depthg_jax.training.loop")
+    ]
+
+
+def test_loading_a_config_file_imports_no_jax_and_works_from_any_directory(tmp_path):
+    check = (
+        "import importlib.util, sys\n"
+        "for name in ('coco', 'cityscapes', 'potsdam', 'demo', 'demo_sweep'):\n"
+        f"    path = {str(REPO / 'configs')!r} + '/' + name + '.py'\n"
+        "    spec = importlib.util.spec_from_file_location('c_' + name, path)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    module.get_config()\n"
+        "bad = [m for m in ('jax', 'flax', 'PIL', 'orbax') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_no_file_of_the_repo_cites_material_outside_it():

@@ -35,12 +35,7 @@ def test_export_round_trip_and_refusals(tmp_path):
 
 
     config = demo.get_config()
-    params = model_lib.init_params(
-        jax.random.key(0),
-        variant=config.model.variant,
-        dim=config.model.dim,
-        n_classes=config.data.n_classes,
-    )
+    params = model_lib.init_params(model_lib.ModelSpec.from_config(config), jax.random.key(0))
     checkpoint.save_export(str(tmp_path / "exp"), config, params)
     loaded_config, loaded = checkpoint.load_export(str(tmp_path / "exp"))
     assert loaded_config == config

@@ -5,7 +5,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -18,18 +17,16 @@ from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import sharding
 
 N_CLASSES = 6  # the synthetic set's, so the export test reuses the compiled step
-MODEL = ml_collections.ConfigDict({"variant": "mu/8", "dim": 32, "dtype": "float32"})
+SPEC = model_lib.ModelSpec("mu/8", 32, N_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return model_lib.init_params(jax.random.key(0), variant="mu/8", dim=32, n_classes=N_CLASSES)
+    return model_lib.init_params(SPEC, jax.random.key(0))
 
 
 def predict(params, images, flip):
-    return model_lib.predict(
-        params, images, variant="mu/8", dim=32, n_classes=N_CLASSES, dtype="float32", flip=flip
-    )
+    return model_lib.predict(params, images, SPEC, flip)
 
 
 def make_batches(num_batches=2, batch=8, size=32, num_valid=13, seed=0):
@@ -129,8 +126,7 @@ def test_evaluate_loader_equals_direct_computation_on_eight_devices(params):
     with crf.make_crf_pool(2) as pool:
         got = evaluator.evaluate_loader(
             params,
-            MODEL,
-            N_CLASSES,
+            SPEC,
             batches,
             flip=True,
             crf=True,
@@ -156,7 +152,7 @@ def test_evaluate_loader_same_on_one_device(params):
     batches = make_batches(num_batches=1, num_valid=5)
     one = sharding.make_mesh(jax.devices()[:1])
     single = evaluator.evaluate_loader(
-        params, MODEL, N_CLASSES, batches, flip=False, crf=False, mesh=one, progress=False
+        params, SPEC, batches, flip=False, crf=False, mesh=one, progress=False
     )
     want = direct_confusions(params, batches, flip=False, use_crf=False)
     for k in ("cluster", "linear"):
@@ -166,9 +162,9 @@ def test_evaluate_loader_same_on_one_device(params):
 
 def test_check_params_names_the_mismatch(params):
     with pytest.raises(ValueError, match=r"cluster probe classes 6 \(expected 27\)"):
-        model_lib.check_params(params, variant="mu/8", dim=32, n_classes=27)
+        model_lib.check_params(params, model_lib.ModelSpec("mu/8", 32, 27))
     with pytest.raises(ValueError, match=r"backbone width 32 \(expected 384\)"):
-        model_lib.check_params(params, variant="S/8", dim=32, n_classes=N_CLASSES)
+        model_lib.check_params(params, model_lib.ModelSpec("S/8", 32, N_CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -238,14 +234,11 @@ def test_release_crf_image_equals_the_torch_round_trip():
 
 def test_matmul_precision_reaches_the_backbone_program():
     x = jnp.ones((1, 16, 16, 3), jnp.uint8)
-    params = model_lib.init_params(jax.random.key(0), variant="mu/8", dim=8, n_classes=3, res=16)
+    params = model_lib.init_params(model_lib.ModelSpec("mu/8", 8, 3), jax.random.key(0), res=16)
 
     def code(precision):
-        return jax.jit(
-            lambda p, im: model_lib.compute_code(
-                p, im, variant="mu/8", dim=8, dtype="float32", matmul_precision=precision
-            )
-        ).lower(params, x).as_text()
+        spec = model_lib.ModelSpec("mu/8", 8, 3, matmul_precision=precision)
+        return jax.jit(lambda p, im: model_lib.compute_code(spec, p, im)).lower(params, x).as_text()
 
     # The position-embedding resize asks for HIGHEST itself; every other dot follows the scope.
     default, highest = code("default"), code("highest")

@@ -22,16 +22,19 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-from train_test import tiny_config
+from support import tiny_config
 
+from depthg_jax import config as config_lib
 from depthg_jax import evaluate, export, segment
 from depthg_jax.data import datasets, five_crop, images, knn
 from depthg_jax.evaluation import reports
+from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import convert
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import checkpoint, files, integrity
 from depthg_jax.runtime.preemption import Preemption
-from depthg_jax.training import loop, train, workdir
+from depthg_jax.training import loop, trainer, workdir
+from depthg_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +44,7 @@ def run_dir(tmp_path_factory):
     """A finished tiny run: checkpoints 2, 3, 4 (sealed), export/, results.json, its data."""
     wd = tmp_path_factory.mktemp("run") / "w"
     config = tiny_config(**{"train.checkpoint_every": 1, "train.log_every": 1})
-    train.train_and_evaluate(config, str(wd))
+    trainer.train_and_evaluate(config, str(wd))
     return wd
 
 
@@ -58,8 +61,8 @@ def saved_config(wd) -> ml_collections.ConfigDict:
 
 def manager_and_abstract(wd):
     config = saved_config(wd)
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    state = train.create_train_state(config, model, jax.random.key(0))
+    spec = model_lib.ModelSpec.from_config(config)
+    state = step_lib.create_train_state(spec, objective_lib.hparams(config), jax.random.key(0))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     manager = checkpoint.make_manager(str(wd / "checkpoints"), keep=3, save_every=1)
     return manager, abstract
@@ -183,7 +186,7 @@ def test_resume_with_a_run_changing_field_is_refused_before_anything_is_written(
     for part in field.split("."):
         old = old[part]
     with pytest.raises(workdir.WorkdirError, match=rf"{field}: run {old!r}, now {value!r}"):
-        train.train_and_evaluate(config, str(copy))
+        trainer.train_and_evaluate(config, str(copy))
     assert {p: p.read_bytes() for p in copy.glob("*.json*")} == before  # config.json kept
     assert not (copy / workdir.LOCK_FILE).exists()  # the lock is released on errors
 
@@ -191,7 +194,7 @@ def test_resume_with_a_run_changing_field_is_refused_before_anything_is_written(
 def test_allowed_changes_resume_and_are_recorded(copy):
     config = tiny_config(**{"train.checkpoint_every": 1, "train.log_every": 2,
                             "train.num_steps": 6, "eval.crf": True})  # fmt: skip
-    resolved = train.config_lib.resolve(config, str(copy))
+    resolved = config_lib.resolve(config, str(copy))
     assert workdir.guard_resume(resolved, str(copy)) == "resume"
     record = json.loads((copy / workdir.RESUMES_FILE).read_text().splitlines()[-1])
     assert record["changes"]["train.num_steps"] == [4, 6]
@@ -201,12 +204,12 @@ def test_allowed_changes_resume_and_are_recorded(copy):
 
 def test_logs_without_checkpoints_refuse_unless_restart_then_nothing_is_deleted(copy):
     shutil.rmtree(copy / "checkpoints")
-    config = train.config_lib.resolve(tiny_config(), str(copy))
+    config = config_lib.resolve(tiny_config(), str(copy))
     with pytest.raises(workdir.WorkdirError, match="no checkpoint to resume from.*restart"):
         workdir.guard_resume(config, str(copy))
     metrics_before = (copy / "metrics.jsonl").read_text()
     restart = tiny_config(**{"train.restart": True})
-    assert workdir.guard_resume(train.config_lib.resolve(restart, str(copy)), str(copy)) == (
+    assert workdir.guard_resume(config_lib.resolve(restart, str(copy)), str(copy)) == (
         "restart"
     )
     (previous,) = copy.glob("previous-*")
@@ -224,7 +227,7 @@ def test_resume_after_damage_extends_the_run_without_duplicate_rows_and_keeps_th
     flip_bytes(largest_file(copy / "checkpoints" / "4" / "state"))
     config = tiny_config(**{"train.checkpoint_every": 1, "train.log_every": 1,
                             "train.num_steps": 6})  # fmt: skip
-    results = train.train_and_evaluate(config, str(copy))
+    results = trainer.train_and_evaluate(config, str(copy))
     assert results["step"] == 6
     rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r["step"] for r in rows if "loss" in r]
@@ -243,7 +246,7 @@ def test_rerunning_a_finished_run_rewrites_nothing(copy):
     (copy / "export" / "eval").mkdir()
     (copy / "export" / "eval" / "report.md").write_text("kept")
     stamp = (copy / "export" / "MANIFEST.json").stat().st_mtime_ns
-    results = train.train_and_evaluate(tiny_config(), str(copy))
+    results = trainer.train_and_evaluate(tiny_config(), str(copy))
     assert results["step"] == 4
     assert (copy / "export" / "MANIFEST.json").stat().st_mtime_ns == stamp
     assert (copy / "export" / "eval" / "report.md").read_text() == "kept"
@@ -266,7 +269,7 @@ def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
 def test_a_second_trainer_is_refused_naming_the_holder(copy):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from depthg_jax import workdir; "
+         "import sys, time; from depthg_jax.training import workdir; "
          f"workdir.WorkdirLock({str(copy)!r}).acquire(); print('held', flush=True); "
          "time.sleep(60)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -274,7 +277,7 @@ def test_a_second_trainer_is_refused_naming_the_holder(copy):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(workdir.WorkdirError, match=f"pid {holder.pid} on host"):
-            train.train_and_evaluate(tiny_config(), str(copy))
+            trainer.train_and_evaluate(tiny_config(), str(copy))
     finally:
         holder.kill()
         holder.wait()
@@ -298,31 +301,43 @@ def test_a_lock_from_another_host_is_not_taken_over(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+def infinite_learning_rate(monkeypatch):
+    """Steps that go non-finite: an infinite learning rate injected past the config's
+    validation (which refuses optim.lr=inf by name) into the hyperparameters the step gets."""
+    resolve = objective_lib.hparams
+
+    def hparams(config):
+        return {**resolve(config), "lr": np.float32(np.inf)}
+
+    monkeypatch.setattr(objective_lib, "hparams", hparams)
+
+
 def test_a_non_finite_step_stops_before_it_is_checkpointed_naming_step_and_examples(
-    run_dir, tmp_path
+    run_dir, tmp_path, monkeypatch
 ):
+    infinite_learning_rate(monkeypatch)
     data = run_dir / "synthetic_data"
-    config = tiny_config(**{"data.root": str(data), "optim.lr": float("inf"),
-                            "train.checkpoint_every": 1})  # fmt: skip
+    config = tiny_config(**{"data.root": str(data), "train.checkpoint_every": 1})
     wd = tmp_path / "nan"
     ids = r"examples \(anchor/positive\): \['\d+/\d+'"
     with pytest.raises(FloatingPointError, match=r"step 1 in .*" + ids):
-        train.train_and_evaluate(config, str(wd))
+        trainer.train_and_evaluate(config, str(wd))
     ckpts = wd / "checkpoints"
     assert not ckpts.exists() or not [p for p in os.listdir(ckpts)]  # nothing saved, no tmp
 
 
 def test_the_first_non_finite_step_is_named_when_flags_are_checked_in_a_batch(
-    run_dir, tmp_path
+    run_dir, tmp_path, monkeypatch
 ):
     # Flags are fetched before saves and logs only: step 1 goes bad, the check at step 4 (the
     # first save and log) still names step 1, and nothing is saved.
+    infinite_learning_rate(monkeypatch)
     data = run_dir / "synthetic_data"
-    config = tiny_config(**{"data.root": str(data), "optim.lr": float("inf"),
-                            "train.checkpoint_every": 4, "train.log_every": 4})  # fmt: skip
+    config = tiny_config(**{"data.root": str(data), "train.checkpoint_every": 4,
+                            "train.log_every": 4})  # fmt: skip
     wd = tmp_path / "nan4"
     with pytest.raises(FloatingPointError, match=r"non-finite values at step 1 "):
-        train.train_and_evaluate(config, str(wd))
+        trainer.train_and_evaluate(config, str(wd))
     ckpts = wd / "checkpoints"
     assert not ckpts.exists() or not os.listdir(ckpts)
 
@@ -385,7 +400,7 @@ def test_a_signal_at_start_exits_zero_with_a_message(run_dir, tmp_path, sig):
 
 
 def test_ctrl_c_mid_run_saves_a_sealed_checkpoint_and_returns(run_dir, tmp_path, monkeypatch):
-    make = train.make_train_step
+    make = step_lib.make_train_step
 
     def interrupting(*args, **kwargs):
         step_fn = make(*args, **kwargs)
@@ -397,11 +412,11 @@ def test_ctrl_c_mid_run_saves_a_sealed_checkpoint_and_returns(run_dir, tmp_path,
 
         return step
 
-    monkeypatch.setattr(train, "make_train_step", interrupting)
+    monkeypatch.setattr(step_lib, "make_train_step", interrupting)
     config = tiny_config(**{"data.root": str(run_dir / "synthetic_data"),
                             "train.checkpoint_every": 10})  # fmt: skip
     wd = tmp_path / "w"
-    assert train.train_and_evaluate(config, str(wd)) == {"preempted_at": 2}
+    assert trainer.train_and_evaluate(config, str(wd)) == {"preempted_at": 2}
     names = os.listdir(wd / "checkpoints")
     assert "2" in names and all(n.isdigit() for n in names), names  # no temporary folder
     for name in names:
@@ -563,7 +578,7 @@ def test_an_unlabelled_or_missing_eval_split_is_refused_at_start(tmp_path):
     _directory_dataset(root, "train", 2, labels=True)
     _directory_dataset(root, "val", 2, labels=False)
     config = tiny_config(**{"data.name": "directory", "data.root": str(root)})
-    resolved = train.config_lib.resolve(config, str(tmp_path / "w"))
+    resolved = config_lib.resolve(config, str(tmp_path / "w"))
     with pytest.raises(ValueError, match="'val' of directory .* has no labels"):
         loop.check_eval_split(resolved)
     shutil.rmtree(root / "images" / "val")

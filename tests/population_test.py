@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from support import make_program, random_batch, setup, setup_population, tiny_config
 
-from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import sharding
-from depthg_jax.training import population, sweep, train
-from tests.train_test import random_batch, tiny_config
+from depthg_jax.training import step as step_lib
+from depthg_jax.training import sweep
 
 # Four members that differ in every kind of per-member setting (weights, shifts, depth,
 # decay rate, both learning rates, and the sampling: member 3 is a STEGO-like member).
@@ -30,29 +30,19 @@ def population_config():
 
 def run_single(config, devices, batches):
     mesh = sharding.make_mesh(devices)
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
-    backbone = sharding.replicate(model_lib.init_backbone(config.model, k_backbone), mesh)
-    state = sharding.replicate(train.create_train_state(config, model, k_state), mesh)
-    step_fn = train.make_train_step(config, model, mesh)
+    _, backbone, state, k_step, hp = setup(config, mesh)
+    step_fn = make_program(config, mesh)
     out = []
     for batch in batches:
-        state, m = step_fn(state, backbone, sharding.host_to_global(batch, mesh), k_step, 3)
+        g = sharding.host_to_global(batch, mesh)
+        state, m = step_fn(state, backbone, g, k_step, hp, num_side=3)
         out.append(jax.device_get(m))
     return jax.device_get(state.params), out
 
 
 def run_population(config, table, devices, batches):
     mesh = sharding.make_mesh(devices)
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
-    backbone = sharding.replicate(model_lib.init_backbone(config.model, k_backbone), mesh)
-    state = population.create_population_state(config, model, k_state, len(table))
-    state = sharding.replicate(state, mesh)
-    hp = sharding.replicate(population.member_hparams(table), mesh)
-    step_fn = population.make_population_step(
-        population.shared_config(config, table), model, mesh
-    )
+    _, backbone, state, k_step, hp, step_fn = setup_population(config, table, mesh)
     out = []
     for batch in batches:
         g = sharding.host_to_global(batch, mesh)
@@ -84,7 +74,7 @@ def test_member_i_equals_a_single_run_with_its_settings(num_devices, checked):
                     pop_metrics[step][key][i], single_metrics[step][key], rtol=1e-5, atol=1e-5,
                     err_msg=f"member {member['name']} step {step} {key}",
                 )  # fmt: skip
-        mine = population.member_params(pop_params, i)
+        mine = step_lib.member_params(pop_params, i)
         for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(single_params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=member["name"])
     # The members did train differently (the comparison above is not vacuous).

@@ -8,7 +8,7 @@ from PIL import Image
 
 from configs import demo
 from depthg_jax.data import datasets, five_crop, knn, prepare, records
-from depthg_jax.training import train
+from depthg_jax.training import trainer
 
 
 def tiny(**data):
@@ -59,7 +59,7 @@ def test_training_on_records_equals_training_on_loose_files(tmp_path):
     results = {}
     for name, cfg in (("loose", loose_cfg), ("records", rec_cfg)):
         workdir = tmp_path / f"run_{name}"
-        results[name] = train.train_and_evaluate(cfg, str(workdir))
+        results[name] = trainer.train_and_evaluate(cfg, str(workdir))
         lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
         results[name]["losses"] = [m["loss"] for m in lines if "loss" in m]
     loose, rec = results["loose"], results["records"]

@@ -316,11 +316,7 @@ def random_images(n, h, w, seed):
 
 def assert_same_outputs(export_dir, model, images, flip):
     config, params = checkpoint.load_export(str(export_dir))
-    m = config.model
-    ours = model_lib.predict(
-        params, images, variant=m.variant, dim=m.dim, n_classes=config.data.n_classes,
-        dtype=m.dtype, flip=flip,
-    )  # fmt: skip
+    ours = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), flip)
     want = model.evaluate(images, flip=flip)
     for key in ("code", "cluster_log_probs", "linear_logits"):
         np.testing.assert_allclose(np.asarray(ours[key]), want[key], atol=TOL, rtol=0, err_msg=key)

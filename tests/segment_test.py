@@ -23,7 +23,7 @@ def make_export(path, params=None):
     assert config.data.n_classes == N_CLASSES and config.model.variant == "mu/8"
     if params is None:
         params = model_lib.init_params(
-            jax.random.key(0), variant="mu/8", dim=config.model.dim, n_classes=N_CLASSES
+            model_lib.ModelSpec("mu/8", config.model.dim, N_CLASSES), jax.random.key(0)
         )
     checkpoint.save_export(str(path), config, params)
     return str(path)
@@ -95,13 +95,7 @@ def test_segment_labels_follow_the_model_prediction(export_dir, images_dir, tmp_
         == 0
     )
     out = model_lib.predict(
-        config_params,
-        np.stack([image] * 3),
-        variant="mu/8",
-        dim=32,
-        n_classes=N_CLASSES,
-        dtype="float32",
-        flip=True,
+        config_params, np.stack([image] * 3), model_lib.ModelSpec("mu/8", 32, N_CLASSES), True
     )
     want = np.asarray(out["linear_logits"][0]).argmax(-1)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o/labels/x.png")), want)

@@ -9,13 +9,15 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from support import tiny_config
 
 from depthg_jax import config as config_lib
 from depthg_jax.evaluation import evaluator, reports
+from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import checkpoint, sharding
-from depthg_jax.training import loop, population, sweep, train
-from tests.train_test import tiny_config
+from depthg_jax.training import exports, loop, population, sweep, trainer
+from depthg_jax.training import step as step_lib
 
 GRID = "loss.depth_weight=0,0.3;loss.sampling=fps,random"
 
@@ -33,8 +35,10 @@ def sweep_config(**overrides):
 CHILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from depthg_jax import checkpoint, population
-from tests.sweep_test import sweep_config
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+from depthg_jax.runtime import checkpoint
+from depthg_jax.training import population
+from sweep_test import sweep_config
 save = checkpoint.save_train_state
 def killing_save(manager, step, *args, **kwargs):
     if step == 5:
@@ -48,8 +52,10 @@ population.train_and_evaluate(sweep_config(), {workdir!r})
 
 def restore_population(workdir, config, step=None):
     config = config_lib.resolve(config, workdir)
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    state = population.create_population_state(config, model, jax.random.key(0), 4)
+    spec = model_lib.ModelSpec.from_config(config)
+    state = step_lib.create_population_state(
+        spec, objective_lib.hparams(config), jax.random.key(0), 4
+    )
     manager = checkpoint.make_manager(
         os.path.join(workdir, "checkpoints"), keep=3, save_every=2
     )
@@ -79,19 +85,23 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     assert not sweep.is_sweep(cfg)
     final, _ = restore_population(full, sweep_config())
     exported = {k: params[k] for k in final.params}
-    best_params = population.member_params(final.params, best_i)
+    best_params = step_lib.member_params(final.params, best_i)
     for a, b in zip(jax.tree.leaves(best_params), jax.tree.leaves(exported), strict=True):
         np.testing.assert_array_equal(a, b)
     assert checkpoint.load_selection(os.path.join(full, "export"))["member"] == names[best_i]
     # The population's validation of a member equals evaluate_loader on that member alone.
     resolved = config_lib.resolve(sweep_config(), full)
-    validator = loop.Validator(resolved, params["backbone"], sharding.make_mesh())
+    spec = model_lib.ModelSpec.from_config(cfg)
+    validator = loop.Validator(
+        resolved, params["backbone"], sharding.make_mesh(),
+        evaluator.head_predictor(spec, flip=False),
+    )
     alone = evaluator.evaluate_loader(
-        params, cfg.model, cfg.data.n_classes, validator.loader(0), flip=False, crf=False,
-        progress=False,
-    )  # fmt: skip
+        params, spec, validator.loader(0), flip=False, crf=False, progress=False
+    )
     expected = {k: v for k, v in saved["members"][best_i].items() if k != "member"}
     assert reports.val_summary(alone) == pytest.approx(expected, abs=1e-12)
+    check_member_exports(tmp_path, full, saved, table)
     picture = Image.open(os.path.join(full, "sweep.png"))
     assert picture.size[0] == 2 * 300 and picture.mode == "RGB"
     rows = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))]
@@ -117,6 +127,41 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     assert resumed["members"] == results["members"]
 
 
+def check_member_exports(tmp_path, workdir, saved, table):
+    """`export` on a finished sweep writes the best member by default and any member by name
+    or index; each loads in evaluate and segment and scores the member's validation."""
+    from depthg_jax import evaluate, segment
+
+    names = [m["name"] for m in table]
+    best = exports.export_run(workdir, str(tmp_path / "x_best"))
+    assert best["member"] == saved["best"]["member"] and best["step"] == 6
+    _, default_params = checkpoint.load_export(str(tmp_path / "x_best"))
+    _, trained_params = checkpoint.load_export(os.path.join(workdir, "export"))
+    for a, b in zip(jax.tree.leaves(default_params), jax.tree.leaves(trained_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(photos / "a.png")
+    for member, out in (("m1", "x_m1"), ("2", "x_m2")):
+        selection = exports.export_run(workdir, str(tmp_path / out), member=member)
+        index = names.index(member) if member in names else int(member)
+        assert selection["member"] == names[index]
+        assert selection["settings"] == table[index]["settings"]
+        cfg, _ = checkpoint.load_export(str(tmp_path / out))
+        assert cfg.loss.depth_weight == table[index]["settings"]["loss.depth_weight"]
+        cfg.eval.flip, cfg.eval.crf = False, False  # the in-training validation's protocol
+        results, _, _, _ = evaluate.run(str(tmp_path / out), cfg, str(tmp_path / f"{out}_eval"))
+        expected = {k: v for k, v in saved["members"][index].items() if k != "member"}
+        assert reports.val_summary(results) == pytest.approx(expected, abs=1e-12)
+        written, errors = segment.segment_folder(
+            str(tmp_path / out), str(photos), str(tmp_path / f"{out}_seg"), res=64,
+            progress=False,
+        )  # fmt: skip
+        assert written == 1 and not errors
+    with pytest.raises(ValueError, match="not a member of this sweep"):
+        exports.export_run(workdir, str(tmp_path / "x_bad"), member="nobody")
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -126,7 +171,7 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
         ("grid", "loss.depth_weight:0.1,0.2", "is not 'field=values'"),
         ("grid", "loss.depth_weight=0.1;", "an empty entry"),
         ("grid", "loss.depth_weight=a,b", "is not a number"),
-        ("grid", "loss.sampling=fps,grid", "expected 'fps' or 'random'"),
+        ("grid", "loss.sampling=fps,grid", r"expected one of \('fps', 'random'\)"),
         ("grid", "optim.lr=1e-3;optim.lr=1e-4", "listed twice"),
         ("members", "name=x|name=x", "member names repeat"),
         ("members", "optim.lr=1e-3||optim.lr=1e-4", "an empty member"),
@@ -196,4 +241,4 @@ def test_single_trainer_refuses_a_sweep_config(tmp_path):
     config = tiny_config()
     config.sweep.grid = "optim.lr=1e-3,1e-4"
     with pytest.raises(ValueError, match="config.sweep names a population"):
-        train.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))

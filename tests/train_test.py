@@ -7,84 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import make_program, random_batch, run_steps, setup, tiny_config
 
-from configs import demo
 from depthg_jax import config as config_lib
+from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import sharding
-from depthg_jax.training import finite, train
-
-
-def tiny_config(**overrides):
-    """The demo config shrunk to seconds: 64-px synthetic scenes, S=3, a few steps."""
-    config = demo.get_config()
-    config.data.synthetic_train = 16
-    config.data.synthetic_val = 8
-    config.data.synthetic_size = 64
-    config.data.train_res = 64
-    config.data.eval_res = 64
-    config.loss.feature_samples = 3
-    config.loss.neg_samples = 2
-    config.train.batch_size = 8
-    config.train.num_steps = 4
-    config.train.log_every = 2
-    config.train.eval_every = 0
-    config.train.image_every = 0
-    config.train.checkpoint_every = 2
-    config.train.report_baselines = False
-    config.eval.batch_size = 8
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
-def random_batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    b, r = config.train.batch_size, config.data.train_res
-    n = config.data.n_classes
-
-    def image():
-        return rng.integers(0, 256, (b, r, r, 3), dtype=np.uint8)
-
-    def depth():
-        return rng.uniform(0, 255, (b, r, r)).astype(np.float32)
-
-    def label():
-        return rng.integers(-1, n, (b, r, r)).astype(np.int32)
-
-    return {
-        "image": image(),
-        "depth": depth(),
-        "label": label(),
-        "image_pos": image(),
-        "depth_pos": depth(),
-        "label_pos": label(),
-    }
-
-
-def setup(config, mesh):
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
-    backbone = sharding.replicate(model_lib.init_backbone(config.model, k_backbone), mesh)
-    state = sharding.replicate(train.create_train_state(config, model, k_state), mesh)
-    return model, backbone, state, k_step
-
-
-def run_steps(config, devices, batches, num_side):
-    mesh = sharding.make_mesh(devices)
-    model, backbone, state, k_step = setup(config, mesh)
-    step_fn = train.make_train_step(config, model, mesh)
-    losses = []
-    for batch in batches:
-        state, metrics = step_fn(
-            state, backbone, sharding.host_to_global(batch, mesh), k_step, num_side=num_side
-        )
-        losses.append(float(metrics["loss"]))
-    return jax.device_get(state.params), losses, step_fn
+from depthg_jax.training import finite, trainer
+from depthg_jax.training import step as step_lib
 
 
 @pytest.mark.parametrize("sampling", ["fps", "random"])
@@ -117,13 +47,13 @@ def test_step_compiles_once_per_num_samples():
     config = tiny_config()
     batches = [random_batch(config, s) for s in range(3)]
     mesh = sharding.make_mesh(jax.devices()[:2])
-    model, backbone, state, k_step = setup(config, mesh)
-    step_fn = train.make_train_step(config, model, mesh)
+    _, backbone, state, k_step, hp = setup(config, mesh)
+    step_fn = make_program(config, mesh)
     for batch in batches:
-        state, _ = step_fn(state, backbone, sharding.host_to_global(batch, mesh), k_step, 3)
+        state, _ = step_fn(state, backbone, sharding.host_to_global(batch, mesh), k_step, hp, 3)
     assert step_fn._cache_size() == 1
-    state, _ = step_fn(state, backbone, sharding.host_to_global(batches[0], mesh), k_step, 2)
-    state, _ = step_fn(state, backbone, sharding.host_to_global(batches[1], mesh), k_step, 2)
+    for batch in batches[:2]:
+        state, _ = step_fn(state, backbone, sharding.host_to_global(batch, mesh), k_step, hp, 2)
     assert step_fn._cache_size() == 2
 
 
@@ -136,8 +66,8 @@ def test_training_reduces_the_loss_on_a_fixed_batch():
 
 def test_frozen_backbone_gets_no_update_and_is_not_in_the_state():
     config = tiny_config()
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    state = train.create_train_state(config, model, jax.random.key(1))
+    spec = model_lib.ModelSpec.from_config(config)
+    state = step_lib.create_train_state(spec, objective_lib.hparams(config), jax.random.key(1))
     assert set(state.params) == {"head", "cluster_probe", "linear_probe"}
 
 
@@ -207,7 +137,7 @@ def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_
     config = tiny_config(
         **{"train.image_every": 4, "train.eval_every": 2, "train.report_baselines": True}
     )
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(config, str(tmp_path))
     for key in ("val/cluster_miou", "val/cluster_accuracy", "val/linear_miou"):
         assert 0.0 <= results["trained"][key] <= 1.0
     for baseline in ("untrained_head", "kmeans_untrained_head", "kmeans_backbone"):
@@ -250,7 +180,7 @@ def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_
     assert Image.open(tmp_path / "seg" / "labels" / "a.png").size == (56, 40)
 
     # A second call resumes at the end and does not train further.
-    again = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    again = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
     assert again["step"] == 4
     np.testing.assert_allclose(
         again["trained"]["val/cluster_miou"], results["trained"]["val/cluster_miou"]
@@ -259,8 +189,7 @@ def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_
 
 def test_init_params_have_pytorch_default_scales():
     config = tiny_config()
-    model = model_lib.build_model(config.model, config.data.n_classes)
-    params = model_lib.init_trainable(model, jax.random.key(0))
+    params = model_lib.init_trainable(model_lib.ModelSpec.from_config(config), jax.random.key(0))
     clusters = jax.tree.leaves(params["cluster_probe"])[0]
     assert clusters.shape == (config.data.n_classes, config.model.dim)
     assert abs(float(jnp.std(clusters)) - 1.0) < 0.35  # N(0, 1) centroids
@@ -288,7 +217,7 @@ def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant,
             "train.eval_every": 2,
         }
     )
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results["step"] == 2 and 0.0 <= results["trained"]["val/cluster_miou"] <= 1.0
     cfg, params = checkpoint.load_export(str(tmp_path / "export"))
     assert cfg.model.variant == variant
@@ -302,10 +231,10 @@ def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant,
 
 
 def test_export_best_without_a_validated_checkpoint_says_so(tmp_path):
-    from depthg_jax import export
+    from depthg_jax.training import exports
 
-    train.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
+    trainer.train_and_evaluate(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
     assert not (tmp_path / "export_best").exists()  # nothing validated in training
     with pytest.raises(FileNotFoundError, match="no validated checkpoint to pick the best from"):
-        export.export_run(str(tmp_path), str(tmp_path / "best"), best=True)
-    assert export.export_run(str(tmp_path), str(tmp_path / "latest")) == 2
+        exports.export_run(str(tmp_path), str(tmp_path / "best"), best=True)
+    assert exports.export_run(str(tmp_path), str(tmp_path / "latest"))["step"] == 2

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from depthg_jax import config as base
-from depthg_jax.method import objective, sampling
+from depthg_jax.method import objective as objective_lib
+from depthg_jax.method import sampling
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import seeds, sharding
-from depthg_jax.training import train
+from depthg_jax.training import step as step_lib
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 NUM_BATCHES = 14
@@ -44,25 +45,28 @@ def run_ours(config, batches):
     as the step does).
     """
     mesh = sharding.make_mesh(jax.devices()[:1])
-    models = model_lib.build_model(config.model, config.data.n_classes)
+    spec = model_lib.ModelSpec.from_config(config)
+    objective = objective_lib.Objective.from_config(config)
+    hp = objective_lib.hparams(config)
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
     backbone = model_lib.init_backbone(config.model, k_backbone)
-    state = train.create_train_state(config, models, k_state)
+    state = step_lib.create_train_state(spec, hp, k_state)
     initial = jax.device_get(state.params)
     backbone_dev = sharding.replicate(backbone, mesh)
     state = sharding.replicate(state, mesh)
-    step_fn = train.make_train_step(config, models, mesh)
+    step_fn = step_lib.make_train_step("jit", spec, objective, mesh)
     out = {"loss": [], "num_side": [], "depth_weight": [], "perms": []}
     out["backbone"] = jax.device_get(backbone)
     for step, batch in enumerate(batches):
-        num_side = objective.samples_at(config, step)
+        num_side = objective.samples_at(step)
         # The step's key is fold_in(root, step); its 7th split draws the negatives.
         keys = jax.random.split(jax.random.fold_in(k_step, step), 7)
         out["perms"].append(
             np.asarray(sampling.negative_permutations(keys[6], config.loss.neg_samples, BATCH))
         )
         state, metrics = step_fn(
-            state, backbone_dev, sharding.host_to_global(batch, mesh), k_step, num_side=num_side
+            state, backbone_dev, sharding.host_to_global(batch, mesh), k_step, hp,
+            num_side=num_side,
         )
         metrics = jax.device_get(metrics)
         assert int(metrics["num_samples"]) == num_side

@@ -80,7 +80,7 @@ def test_choosing_compiler_options_is_refused():
 def test_module_level_jits_do_not_start_backends_at_import():
     # jax.distributed.initialize() must be able to run after our modules are imported.
     code = (
-        "import depthg_jax.models.model, depthg_jax.training.train, depthg_jax.evaluate\n"
+        "import depthg_jax.models.model, depthg_jax.training.trainer, depthg_jax.evaluate\n"
         "from jax._src import xla_bridge\n"
         "assert not xla_bridge.backends_are_initialized()\n"
     )

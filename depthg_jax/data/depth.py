@@ -873,7 +873,9 @@ def run(fv: flags.FlagValues) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Parses argv (without the program name) with this command's own flags and runs it."""
-    return commands.run_with_own_flags("python -m depthg_jax.data.depth", define_flags, run, argv)
+    return commands.run_with_own_flags(
+        "python -m depthg_jax.data.depth", define_flags, run, argv, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import numpy as np
 from absl import app, flags
 
+from depthg_jax import commands
 from depthg_jax.data import datasets, depth_io, images
 from depthg_jax.runtime import files
 
@@ -149,4 +150,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    commands.run_main(main)

@@ -18,6 +18,7 @@ Make one (all local devices; with --distributed, all processes of a multi-host j
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from etils import epath
 
+from depthg_jax import commands
 from depthg_jax.data import datasets, streams
 from depthg_jax.method.image_ops import l2_normalize, normalize_images
 
@@ -257,7 +259,8 @@ def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_k
     process (batch on 'data'), returning pooled, L2-normalised features in global order.
 
     dropout > 0: channel dropout (Dropout2d) on the feature map before pooling, a fresh mask
-    per image and call from `dropout_key` (the release's KNN features; docs/release.md#knn).
+    per image and call from `dropout_key` (the release's KNN features;
+    docs/release.md#knn-features).
     """
     import jax
     import jax.numpy as jnp
@@ -337,8 +340,9 @@ def make_knn_table(
         )
     params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0], variant)
     dropout = float(data_cfg.get("knn_dropout", 0.0))
+    spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), variant=variant)
     feature_fn = make_sharded_feature_fn(
-        model_lib.backbone_features(config.model, variant=variant, normalize=False),
+        lambda p, images: model_lib.frozen_features(spec, p, images, normalized=True),
         params,
         dropout=dropout,
         dropout_key=seeds.knn_dropout_key(config.seed) if dropout else None,
@@ -388,7 +392,6 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
 
     _define_flags()
-    app.run(main)
+    commands.run_main(main)

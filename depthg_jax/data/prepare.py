@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+from depthg_jax import commands
 from depthg_jax.data import builders, records
 
 log = logging.getLogger(__name__)
@@ -95,4 +96,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("k", 30, "With --knn: neighbours stored per example (rank 0 = itself).")
     flags.DEFINE_bool("distributed", False, "With --knn: call jax.distributed.initialize.")
     flags.mark_flags_as_required(["dataset", "data_dir"])
-    app.run(main)
+    commands.run_main(main)

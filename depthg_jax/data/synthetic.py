@@ -301,7 +301,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("out", None, "Dataset root to write.")
     flags.DEFINE_integer("num_train", 300, "Training images.")
@@ -309,4 +309,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("size", 224, "Image side (px).")
     flags.DEFINE_integer("seed", 0, "Generator seed.")
     flags.mark_flags_as_required(["out"])
-    app.run(main)
+    from depthg_jax import commands
+
+    commands.run_main(main)

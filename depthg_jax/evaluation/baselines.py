@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from depthg_jax.evaluation import metrics
+from depthg_jax.evaluation import evaluator
 from depthg_jax.method import image_ops
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import sharding, xla
+from depthg_jax.runtime import xla
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -43,24 +42,42 @@ def fit_spherical_kmeans(key: jax.Array, x: jax.Array, k: int, iters: int = 50) 
     return centroids
 
 
-def backbone_embedding(model_cfg: ml_collections.ConfigDict):
+def backbone_embedding(spec: model_lib.ModelSpec):
     """embed(backbone_params, images uint8 (B,H,W,3)) -> raw backbone features (B,h,w,C)."""
-    return model_lib.backbone_features(model_cfg)
+    return lambda params, images: model_lib.frozen_features(spec, params, images)
 
 
-def code_embedding(model_cfg: ml_collections.ConfigDict):
+def code_embedding(spec: model_lib.ModelSpec):
     """embed(params {"backbone", "head", ...}, images uint8) -> the head's code (B,h,w,K)."""
-    def embed(params, images):
-        return model_lib.compute_code(
-            params,
-            images,
-            variant=model_cfg.variant,
-            dim=model_cfg.dim,
-            dtype=model_cfg.dtype,
-            matmul_precision=model_cfg.get("matmul_precision", "default"),
-        )
+    return lambda params, images: model_lib.compute_code(spec, params, images)
 
-    return embed
+
+def kmeans_predictor(embed, centroids: jax.Array) -> evaluator.PredictFn:
+    """Predicts the nearest centroid (cosine) of bilinearly upsampled, unit embeddings."""
+
+    def predict(params, images):
+        f = _normalize(embed(params, images).astype(jnp.float32))
+        f = image_ops.resize_bilinear(f, images.shape[1:3], align_corners=False)
+        return {"labels": {"cluster": jnp.argmax(_normalize(f) @ centroids.T, axis=-1)}}
+
+    return predict
+
+
+def sample_embeddings(embed, params, loader, *, seed: int, points_per_image: int) -> np.ndarray:
+    """Unit embeddings of up to points_per_image random grid pixels of each valid image."""
+
+    @xla.jit
+    def features(params, images):
+        return _normalize(embed(params, images).astype(jnp.float32))
+
+    rng = np.random.default_rng(seed)
+    picked = []
+    for batch in loader:
+        f = np.asarray(features(params, np.asarray(batch["image"])))
+        f = f[np.asarray(batch["valid"], bool)].reshape(-1, f.shape[-1])
+        take = min(points_per_image * len(batch["image"]), len(f))
+        picked.append(f[rng.choice(len(f), take, replace=False)])
+    return np.concatenate(picked) if picked else np.zeros((0, 1), np.float32)
 
 
 def evaluate_kmeans(
@@ -76,39 +93,19 @@ def evaluate_kmeans(
     """Clusters embeddings of the split into n_classes, scored with Hungarian matching.
 
     `embed(params, images)` maps uint8 images (B,H,W,3) to (B,h,w,D) (`backbone_embedding`,
-    `code_embedding`).
-    Returns {"cluster": metrics.scores(...)}: cosine k-means is fitted on a random subset of
-    grid pixels, then every label pixel is assigned via bilinearly upsampled embeddings.
+    `code_embedding`). Cosine k-means is fitted on a random subset of grid pixels, then
+    every label pixel is assigned via bilinearly upsampled embeddings and scored by the one
+    evaluator: its result dict, with "cluster".
     """
     if jax.process_count() > 1:
         raise ValueError("the k-means baseline runs in single-process runs only (the demo)")
-    mesh = sharding.make_mesh() if mesh is None else mesh
-
-    @xla.jit
-    def features(params, images):
-        return _normalize(embed(params, images).astype(jnp.float32))
-
-    rng = np.random.default_rng(seed)
-    picked = []
-    for batch in loader:
-        f = np.asarray(features(params, np.asarray(batch["image"])))
-        f = f[np.asarray(batch["valid"], bool)].reshape(-1, f.shape[-1])
-        take = min(points_per_image * len(batch["image"]), len(f))
-        picked.append(f[rng.choice(len(f), take, replace=False)])
-    points = np.concatenate(picked) if picked else np.zeros((0, 1), np.float32)
+    points = sample_embeddings(
+        embed, params, loader, seed=seed, points_per_image=points_per_image
+    )
     if len(points) == 0:
         raise ValueError("k-means baseline: the evaluation split is empty")
     centroids = fit_spherical_kmeans(jax.random.key(seed), jnp.asarray(points), n_classes)
-
-    @xla.jit(out_shardings=sharding.replicated(mesh))
-    def batch_confusion(params, images, labels, valid):
-        f = features(params, images)
-        f = image_ops.resize_bilinear(f, labels.shape[1:3], align_corners=False)
-        preds = jnp.argmax(_normalize(f) @ centroids.T, axis=-1)
-        return metrics.confusion(preds, labels, n_classes, n_classes, valid=valid)
-
-    total = np.zeros((n_classes, n_classes), np.int64)
-    for batch in loader:
-        g = sharding.host_to_global(batch, mesh)
-        total += np.asarray(batch_confusion(params, g["image"], g["label"], g["valid"]))
-    return {"cluster": metrics.scores(total, hungarian=True)}
+    scorer = evaluator.Evaluator(
+        kmeans_predictor(embed, centroids), n_classes, mesh, progress=False
+    )
+    return scorer(params, loader)

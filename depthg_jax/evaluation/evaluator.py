@@ -1,17 +1,27 @@
-"""Evaluation: the paper's protocol (docs/evaluation.md) over a whole split, and its report.
+"""The one evaluator: a predict function and a loader in, confusion matrices and scores out.
 
-`evaluate_loader` runs the final protocol (320 centre crop, flip-averaged code, upsampled,
-dense CRF, argmax) for `python -m depthg_jax.evaluate`, and is also the trainer's validation.
+An `Evaluator` is built once from a predict function and reused: it jits one step that runs
+the predictions and counts (prediction, label) pairs on device, and one loop that feeds it
+every batch of a loader. Whoever is being scored provides the predict function
+(`head_predictor`: one head, the paper's protocol; `population_predictor`: every member of a
+population from one backbone pass; baselines.kmeans_predictor: k-means on features), so the
+evaluator never imports the trainer.
+
+A predict function maps (params, uint8 images (B, H, W, 3)) to
+  {"labels": {probe: int ids (..., B, H, W)}, "log_probs": {probe: (B, H, W, n)}}
+with probe names "cluster" (Hungarian-matched) or "linear" (identity); leading axes before B
+(a population's members) give one confusion matrix per index. "log_probs" is needed only for
+the dense CRF (`crf=True`): the CRF runs on the host's cores in a process pool and its labels
+go back through the same on-device counting, so multi-host runs need no special path.
 
 Confusion counts accumulate on device (int32: fine below 2^31 pixels per cell, i.e. > 20k
-images of 320 x 320). The CRF runs on the host's cores in a process pool; its labels go back
-through the same on-device counting, so multi-host runs need no special path.
+images of 320 x 320) and are fetched once at the end.
 """
 
 from __future__ import annotations
 
-import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,80 +29,212 @@ import numpy as np
 
 from depthg_jax import config as config_lib
 from depthg_jax.evaluation import crf as crf_lib
-from depthg_jax.evaluation import metrics, reports
+from depthg_jax.evaluation import metrics
 from depthg_jax.method import image_ops
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import sharding, xla
 
-PROBES = reports.PROBES
+PROBES = ("cluster", "linear")
+PredictFn = Callable[[dict, jax.Array], dict]
 
 
-@functools.lru_cache(maxsize=16)
-def make_eval_step(
-    variant: str,
-    dim: int,
-    dtype: str,
-    n_classes: int,
-    mesh,
-    *,
-    flip: bool,
-    keep_outputs: bool,
-    matmul_precision: str = "default",
-):
-    """A jitted step: batch -> (cluster confusion, linear confusion, #valid[, log-probs]).
+def head_predictor(spec: model_lib.ModelSpec, *, flip: bool) -> PredictFn:
+    """One trained head (params {"backbone", "head", "cluster_probe", "linear_probe"})."""
 
-    Cached, so repeated validations during training compile once.
+    def predict(params, images):
+        out = model_lib.predict(params, images, spec, flip)
+        return {
+            "labels": {
+                "cluster": jnp.argmax(out["cluster_log_probs"], axis=-1),
+                "linear": jnp.argmax(out["linear_logits"], axis=-1),
+            },
+            "log_probs": {
+                "cluster": out["cluster_log_probs"],
+                "linear": jax.nn.log_softmax(out["linear_logits"]),
+            },
+        }
+
+    return predict
+
+
+def population_predictor(spec: model_lib.ModelSpec, *, flip: bool = False) -> PredictFn:
+    """Every member of a population: params {"backbone", and each trainable part with a
+    leading member axis P}; one backbone pass, then the heads and probes member by member
+    (memory of one member's upsampled code at a time). Labels (P, B, H, W)."""
+
+    def predict(params, images):
+        feats = model_lib.features_for_predict(spec, params["backbone"], images, flip=flip)
+        trainable = {k: params[k] for k in model_lib.TRAINABLE_KEYS}
+
+        def member(p):
+            out = model_lib.predict_from_features(spec, p, feats, images.shape[1:3], flip=flip)
+            return (
+                jnp.argmax(out["cluster_log_probs"], axis=-1),
+                jnp.argmax(out["linear_logits"], axis=-1),
+            )
+
+        cluster, linear = jax.lax.map(member, trainable)
+        return {"labels": {"cluster": cluster, "linear": linear}}
+
+    return predict
+
+
+def _counts(preds: jax.Array, labels: jax.Array, valid: jax.Array, n: int) -> jax.Array:
+    """Confusion of ids with any leading axes before the batch's: (..., n, n)."""
+    count = lambda p: metrics.confusion(p, labels, n, n, valid)  # noqa: E731
+    for _ in range(preds.ndim - labels.ndim):
+        count = jax.vmap(count)
+    return count(preds)
+
+
+class Evaluator:
+    """Scores a predict function over a loader (see the module docstring).
+
+    Args:
+      predict: the predict function; probe names from its "labels".
+      n_classes: ground-truth classes = prediction ids.
+      mesh: 1-D ('data',) mesh (default: all devices).
+      crf: also score dense-CRF-refined predictions (host, in parallel).
+      crf_image: the CRF's RGB input: "exact" (the uint8 image) or "reference" (the release's
+        floor(255 * unnormalised image), `image_ops.release_crf_image`).
+      progress: show a tqdm bar (process 0).
     """
-    replicated = sharding.replicated(mesh)
-    batched = sharding.batch_sharding(mesh)
-    out_shardings = (replicated, replicated, replicated)
-    if keep_outputs:
-        out_shardings += (batched, batched)
 
-    @xla.jit(out_shardings=out_shardings)
-    def step(params, images, labels, valid):
-        out = model_lib.predict(
-            params,
-            images,
-            variant=variant,
-            dim=dim,
-            n_classes=n_classes,
-            dtype=dtype,
-            flip=flip,
-            matmul_precision=matmul_precision,
+    def __init__(
+        self,
+        predict: PredictFn,
+        n_classes: int,
+        mesh=None,
+        *,
+        crf: bool = False,
+        crf_image: str = "exact",
+        progress: bool = True,
+        desc: str = "evaluate",
+    ):
+        if crf_image not in config_lib.CRF_IMAGES:
+            raise ValueError(f"crf_image={crf_image!r}; expected one of {config_lib.CRF_IMAGES}")
+        self.n_classes = int(n_classes)
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        self.crf, self.crf_image = bool(crf), crf_image
+        self.progress, self.desc = progress, desc
+        replicated = sharding.replicated(self.mesh)
+        batched = sharding.batch_sharding(self.mesh)
+        n = self.n_classes
+
+        @xla.jit
+        def step(params, images, labels, valid):
+            out = predict(params, images)
+            counts = {k: _counts(v, labels, valid, n) for k, v in out["labels"].items()}
+            counts = jax.lax.with_sharding_constraint(counts, replicated)
+            num = jax.lax.with_sharding_constraint(jnp.sum(valid.astype(jnp.int32)), replicated)
+            if not self.crf:
+                return counts, num
+            return counts, num, jax.lax.with_sharding_constraint(out["log_probs"], batched)
+
+        @xla.jit(out_shardings=replicated)
+        def count(preds, labels, valid):
+            return {k: _counts(v, labels, valid, n) for k, v in preds.items()}
+
+        self.step = step  # jitted (params, images, labels, valid): a batch's counts
+        self._count = count
+
+    def __call__(self, params: dict, loader, *, crf_pool=None):
+        """Scores every batch of `loader` (host-local batches {"image" uint8 (b,E,E,3),
+        "label" int32 (b,E,E) with -1 ignored, "valid" bool (b,)}, e.g.
+        data.pipeline.make_eval_loader).
+
+        Returns {probe[, probe_crf]: metrics.scores dict, "confusion": {key: int64 counts},
+        "num_images", "time_s" (whole pass), "crf_time_s" (of it, in the CRF)}; where the
+        predictions carry a member axis, a list of such dicts, one per member.
+        """
+        from tqdm import tqdm
+
+        params = sharding.ensure_replicated(params, self.mesh)
+        own_pool = self.crf and crf_pool is None
+        pool = crf_lib.make_crf_pool() if own_pool else crf_pool
+        totals: dict = {}
+        num_images = None
+        crf_time = 0.0
+        start = time.perf_counter()
+        bar = tqdm(
+            loader,
+            total=len(loader) if hasattr(loader, "__len__") else None,
+            desc=self.desc,
+            unit="batch",
+            disable=not self.progress or jax.process_index() != 0,
+            dynamic_ncols=True,
         )
-        cluster = jnp.argmax(out["cluster_log_probs"], axis=-1)
-        linear = jnp.argmax(out["linear_logits"], axis=-1)
-        result = (
-            metrics.confusion(cluster, labels, n_classes, n_classes, valid),
-            metrics.confusion(linear, labels, n_classes, n_classes, valid),
-            jnp.sum(valid.astype(jnp.int32)),
-        )
-        if keep_outputs:
-            result += (out["cluster_log_probs"], jax.nn.log_softmax(out["linear_logits"]))
-        return result
 
-    return step
+        def add(counts: dict, suffix: str = "") -> None:
+            for k, v in counts.items():
+                key = k + suffix
+                totals[key] = v if key not in totals else totals[key] + v
+
+        try:
+            for batch in bar:
+                batch = {k: batch[k] for k in ("image", "label", "valid")}
+                g = sharding.host_to_global(batch, self.mesh)
+                outs = self.step(params, g["image"], g["label"], g["valid"])
+                add(outs[0])
+                num_images = outs[1] if num_images is None else num_images + outs[1]
+                if self.crf:
+                    t0 = time.perf_counter()
+                    refined = self._refine(batch, outs[2], pool)
+                    crf_time += time.perf_counter() - t0
+                    g2 = sharding.host_to_global(
+                        {**refined, "label": batch["label"], "valid": batch["valid"]}, self.mesh
+                    )
+                    add(self._count({k: g2[k] for k in refined}, g2["label"], g2["valid"]), "_crf")
+        finally:
+            bar.close()
+            if own_pool:
+                pool.shutdown()
+        num_images = 0 if num_images is None else int(num_images)
+        if num_images == 0:
+            raise ValueError("the evaluation loader gave no valid images (empty split?)")
+        confusions = {k: np.asarray(jax.device_get(v)).astype(np.int64) for k, v in totals.items()}
+        common = {
+            "num_images": num_images,
+            "time_s": time.perf_counter() - start,
+            "crf_time_s": crf_time,
+        }
+        members = next(iter(confusions.values())).shape[:-2]
+        if not members:
+            return {**score(confusions), "confusion": confusions, **common}
+        return [
+            {**score(c), "confusion": c, **common}
+            for c in ({k: v[i] for k, v in confusions.items()} for i in range(members[0]))
+        ]
+
+    def _refine(self, batch: dict, log_probs: dict, pool) -> dict:
+        """The dense CRF's labels of this host's valid images, per probe (0 where padded)."""
+        images = np.asarray(batch["image"])
+        if self.crf_image == "reference":
+            images = image_ops.release_crf_image(images)
+        valid = np.asarray(batch["valid"], bool)
+        names = list(log_probs)
+        refined = {k: np.zeros(images.shape[:3], np.int32) for k in names}
+        if valid.any():
+            scores = [sharding.local_rows(log_probs[k])[valid] for k in names]
+            # Every probe's images in one call keeps every worker busy to the end.
+            both = crf_lib.dense_crf_batch(
+                np.concatenate([images[valid]] * len(names)), np.concatenate(scores), pool
+            )
+            for k, part in zip(names, np.split(both, len(names)), strict=True):
+                refined[k][valid] = part
+        return refined
 
 
-@functools.lru_cache(maxsize=16)
-def make_count_step(n_classes: int, mesh):
-    """A jitted step counting already-made predictions (the CRF's) on device."""
-
-    @xla.jit(out_shardings=sharding.replicated(mesh))
-    def count(cluster, linear, labels, valid):
-        return (
-            metrics.confusion(cluster, labels, n_classes, n_classes, valid),
-            metrics.confusion(linear, labels, n_classes, n_classes, valid),
-        )
-
-    return count
+def score(confusions: dict) -> dict:
+    """metrics.scores of each confusion: Hungarian-matched for cluster probes, else identity."""
+    return {
+        k: metrics.scores(v, hungarian=k.startswith("cluster")) for k, v in confusions.items()
+    }
 
 
 def evaluate_loader(
     params: dict,
-    model_cfg,
-    n_classes: int,
+    spec: model_lib.ModelSpec,
     loader,
     *,
     flip: bool,
@@ -102,103 +244,13 @@ def evaluate_loader(
     crf_pool=None,
     crf_image: str = "exact",
 ) -> dict:
-    """Scores both probes over every batch of `loader` (the whole split).
-
-    Args:
-      params: {"backbone", "head", "cluster_probe", "linear_probe"} flax params.
-      model_cfg: has .variant, .dim, .dtype (config.model).
-      n_classes: ground-truth classes = clusters = linear probe outputs.
-      loader: iterable of host-local batches {"image" uint8 (b,E,E,3), "label" int32 (b,E,E)
-        with -1 ignored, "valid" bool (b,)} (depthg_jax.data.pipeline.make_eval_loader).
-      flip: average the code with the flipped image's flipped code.
-      crf: also score dense-CRF-refined predictions (host, in parallel).
-      mesh: 1-D ('data',) mesh (default: all devices).
-      progress: show a tqdm bar (process 0).
-      crf_pool: executor for the CRF (default: one made here with a worker per core).
-      crf_image: the CRF's RGB input: "exact" (the uint8 image) or "reference" (the release's
-        floor(255 * unnormalised image), `image_ops.release_crf_image`).
-    Returns:
-      {"cluster", "linear"[, "cluster_crf", "linear_crf"]}: metrics.scores dicts (the cluster
-      probe Hungarian-matched, the linear probe identity); "confusion": the raw counts per key;
-      "num_images"; "time_s" (whole pass) and "crf_time_s" (of it, in the CRF).
-    """
-    from tqdm import tqdm
-
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    params = sharding.ensure_replicated(params, mesh)
-    step = make_eval_step(
-        model_cfg.variant,
-        int(model_cfg.dim),
-        str(model_cfg.dtype),
-        int(n_classes),
+    """One head's scores over `loader`: Evaluator(head_predictor(spec, flip=flip)) once."""
+    evaluator = Evaluator(
+        head_predictor(spec, flip=flip),
+        spec.n_classes,
         mesh,
-        flip=bool(flip),
-        keep_outputs=bool(crf),
-        matmul_precision=model_cfg.get("matmul_precision", "default"),
+        crf=crf,
+        crf_image=crf_image,
+        progress=progress,
     )
-    if crf_image not in config_lib.CRF_IMAGES:
-        raise ValueError(f"crf_image={crf_image!r}; expected one of {config_lib.CRF_IMAGES}")
-    count = make_count_step(n_classes, mesh) if crf else None
-    own_pool = crf and crf_pool is None
-    pool = crf_lib.make_crf_pool() if own_pool else crf_pool
-    keys = PROBES + tuple(f"{p}_crf" for p in PROBES) if crf else PROBES
-    totals = {k: None for k in keys + ("num_images",)}
-    crf_time = 0.0
-    start = time.perf_counter()
-    total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(
-        loader,
-        total=total,
-        desc="evaluate",
-        unit="batch",
-        disable=not progress or jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
-
-    def add(key, value):
-        totals[key] = value if totals[key] is None else totals[key] + value
-
-    try:
-        for batch in bar:
-            batch = {k: batch[k] for k in ("image", "label", "valid")}
-            g = sharding.host_to_global(batch, mesh)
-            outs = step(params, g["image"], g["label"], g["valid"])
-            add("cluster", outs[0])
-            add("linear", outs[1])
-            add("num_images", outs[2])  # kept on device: no host sync per batch
-            if crf:
-                images = np.asarray(batch["image"])
-                if crf_image == "reference":
-                    images = image_ops.release_crf_image(images)
-                valid = np.asarray(batch["valid"], bool)
-                scores = [sharding.local_rows(outs[3])[valid], sharding.local_rows(outs[4])[valid]]
-                t0 = time.perf_counter()
-                # Both probes' images in one call keeps every worker busy to the end.
-                refined = [np.zeros(images.shape[:3], np.int32) for _ in PROBES]
-                if valid.any():
-                    both = crf_lib.dense_crf_batch(
-                        np.concatenate([images[valid]] * 2), np.concatenate(scores), pool
-                    )
-                    refined[0][valid], refined[1][valid] = np.split(both, 2)
-                crf_time += time.perf_counter() - t0
-                g2 = sharding.host_to_global(
-                    {"c": refined[0], "l": refined[1], "label": batch["label"], "valid": valid},
-                    mesh,
-                )
-                c_crf, l_crf = count(g2["c"], g2["l"], g2["label"], g2["valid"])
-                add("cluster_crf", c_crf)
-                add("linear_crf", l_crf)
-    finally:
-        bar.close()
-        if own_pool:
-            pool.shutdown()
-    num_images = 0 if totals["num_images"] is None else int(totals["num_images"])
-    if num_images == 0:
-        raise ValueError("the evaluation loader gave no valid images (empty split?)")
-    confusions = {k: np.asarray(jax.device_get(v)).astype(np.int64) for k, v in totals.items()}
-    results = {k: metrics.scores(confusions[k], hungarian=k.startswith("cluster")) for k in keys}
-    results["confusion"] = confusions
-    results["num_images"] = num_images
-    results["time_s"] = time.perf_counter() - start
-    results["crf_time_s"] = crf_time
-    return results
+    return evaluator(params, loader, crf_pool=crf_pool)

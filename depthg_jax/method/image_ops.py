@@ -32,7 +32,7 @@ def release_crf_image(images: np.ndarray) -> np.ndarray:
     """The CRF input image of the release: floor(255 * unnormalise(normalise(x))) as uint8.
 
     The float32 round trip lands a little below some integers, so ~15-25% of the levels come
-    back one lower than the original uint8 (docs/release.md#crf-input).
+    back one lower than the original uint8 (docs/release.md#crf-input-image).
     """
     x = normalize_images(np.asarray(images))
     unnormalised = x * IMAGENET_STD + IMAGENET_MEAN

@@ -1,7 +1,7 @@
 """Where the losses look: the release's sampler, depth lifting, FPS, coordinates.
 
 Pure JAX, NHWC. Every function takes arrays and Python scalars; randomness comes in as
-keys. Semantics follow the released DepthG code (docs/method.md#sampling-points and
+keys. Semantics follow the released DepthG code (docs/method.md#sampling and
 #depth-lifting-and-farthest-point-sampling) so the two can be compared term by term.
 
 Coordinates are (x, y) = (column, row) in [-1, 1], as in `torch.nn.functional.grid_sample`.

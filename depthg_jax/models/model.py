@@ -1,8 +1,12 @@
-"""The whole DepthG model in one place: backbone + head + probes, built from the config.
+"""The whole DepthG model in one place: its description (`ModelSpec`), its params, its forward.
 
-This module owns the parameter keys ({"backbone", "head", "cluster_probe", "linear_probe"}),
-builds the modules, loads or seeds the backbone, checks params against a model, and runs the
-inference forward.
+`ModelSpec` is a frozen, hashable description (backbone variant, code dim, classes, compute
+dtype, matmul precision, dropout) built once from the config and passed wherever the model is
+built, initialised, checked or applied; jitted functions take it as a static argument. This
+module owns the parameter keys ({"backbone", "head", "cluster_probe", "linear_probe"}), loads
+or seeds the backbone, checks params against a spec, and runs the frozen features
+(`frozen_features`, the one backbone forward of training, evaluation, KNN and baselines) and
+the inference forward (`predict`).
 
 Inference follows STEGO's released evaluation: the code (optionally averaged with the
 horizontally flipped image's flipped code) is upsampled bilinearly (align_corners False) to
@@ -29,14 +33,62 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-    """The modules of one DepthG model (no params: those are plain pytrees)."""
+class ModelSpec:
+    """What a DepthG model is, without its params (those are plain pytrees).
 
-    backbone: nn.Module
-    head: head.SegmentationHead
-    cluster_probe: head.ClusterProbe
-    linear_probe: head.LinearProbe
+    Hashable: a static argument of jitted functions, and a cache key.
+    """
+
+    variant: str
+    dim: int
+    n_classes: int
+    dtype: str = "float32"  # backbone compute dtype
     matmul_precision: str = "default"
+    dropout: float = 0.0  # the head's channel dropout while training
+
+    def __post_init__(self):
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul precision {self.matmul_precision!r}; expected one of {MATMUL_PRECISIONS}"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> ModelSpec:
+        """The spec of a (resolved or exported) config: config.model and data.n_classes."""
+        m = config.model
+        return cls(
+            variant=str(m.variant),
+            dim=int(m.dim),
+            n_classes=int(config.data.n_classes),
+            dtype=str(m.dtype),
+            matmul_precision=str(m.get("matmul_precision", "default")),
+            dropout=float(m.get("dropout", 0.0)),
+        )
+
+    @property
+    def patch(self) -> int:
+        return vit.patch_size(self.variant)
+
+    @property
+    def width(self) -> int:
+        """Channels C of the backbone's features."""
+        return vit.embed_dim(self.variant)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return backbones.build_backbone(self.variant, jnp.dtype(self.dtype))
+
+    @property
+    def head(self) -> head.SegmentationHead:
+        return head.SegmentationHead(dim=self.dim, dropout=self.dropout)
+
+    @property
+    def cluster_probe(self) -> head.ClusterProbe:
+        return head.ClusterProbe(n_classes=self.n_classes)
+
+    @property
+    def linear_probe(self) -> head.LinearProbe:
+        return head.LinearProbe(n_classes=self.n_classes)
 
     def precision(self):
         """Context for tracing backbone and head at the configured f32 matmul precision."""
@@ -52,15 +104,9 @@ def precision_scope(name: str):
     return jax.default_matmul_precision({"high": "bfloat16_3x", "highest": "float32"}[name])
 
 
-def build_model(model_cfg, n_classes: int) -> Model:
-    """The modules named by config.model (and the number of classes)."""
-    return Model(
-        backbone=backbones.build_backbone(model_cfg.variant, jnp.dtype(model_cfg.dtype)),
-        head=head.SegmentationHead(dim=model_cfg.dim, dropout=model_cfg.get("dropout", 0.0)),
-        cluster_probe=head.ClusterProbe(n_classes=n_classes),
-        linear_probe=head.LinearProbe(n_classes=n_classes),
-        matmul_precision=model_cfg.get("matmul_precision", "default"),
-    )
+# --------------------------------------------------------------------------------------
+# Params
+# --------------------------------------------------------------------------------------
 
 
 def check_backbone_weights(model_cfg) -> None:
@@ -96,17 +142,32 @@ def init_backbone(model_cfg, key: jax.Array, variant: str | None = None) -> dict
     return jax.jit(backbones.build_backbone(variant).init)(key, dummy)["params"]
 
 
-def init_trainable(model: Model, key: jax.Array) -> dict:
+def init_trainable(spec: ModelSpec, key: jax.Array) -> dict:
     """Random {"head", "cluster_probe", "linear_probe"} params (PyTorch default inits)."""
-    k_head, k_cluster, k_linear = jax.random.split(key, 3)
-    c = vit.embed_dim(model.backbone.variant)
-    feats = jnp.zeros((1, 2, 2, c), jnp.float32)
-    code = jnp.zeros((1, 2, 2, model.head.dim), jnp.float32)
+    return _trainable_from_keys(spec, *jax.random.split(key, 3))
+
+
+def _trainable_from_keys(spec: ModelSpec, k_head, k_cluster, k_linear) -> dict:
+    feats = jnp.zeros((1, 2, 2, spec.width), jnp.float32)
+    code = jnp.zeros((1, 2, 2, spec.dim), jnp.float32)
     return {
-        "head": model.head.init({"params": k_head}, feats, deterministic=True)["params"],
-        "cluster_probe": model.cluster_probe.init(k_cluster, code)["params"],
-        "linear_probe": model.linear_probe.init(k_linear, code)["params"],
+        "head": spec.head.init({"params": k_head}, feats, deterministic=True)["params"],
+        "cluster_probe": spec.cluster_probe.init(k_cluster, code)["params"],
+        "linear_probe": spec.linear_probe.init(k_linear, code)["params"],
     }
+
+
+def init_params(spec: ModelSpec, key: jax.Array, *, res: int = 32) -> dict:
+    """Randomly initialised params of the whole model (tests, demos without weights)."""
+    return _init_params(key, spec=spec, res=res)
+
+
+@xla.jit(static_argnames=("spec", "res"))
+def _init_params(key: jax.Array, *, spec: ModelSpec, res: int) -> dict:
+    k_vit, *k_trainable = jax.random.split(key, 4)
+    images = jnp.zeros((1, res, res, 3), jnp.float32)
+    backbone = backbones.build_backbone(spec.variant).init(k_vit, images)["params"]
+    return full_params(backbone, _trainable_from_keys(spec, *k_trainable))
 
 
 def full_params(backbone: dict, trainable: dict) -> dict:
@@ -117,37 +178,99 @@ def full_params(backbone: dict, trainable: dict) -> dict:
     return {"backbone": backbone, **{k: trainable[k] for k in TRAINABLE_KEYS}}
 
 
-def compute_code(
-    params: dict, images: jax.Array, *, variant: str, dim: int, dtype, matmul_precision="default"
+def check_params(params: dict, spec: ModelSpec, *, where: str = "") -> None:
+    """Raises a ValueError naming both sides if params do not fit the described model."""
+    where = f" in {where}" if where else ""
+    missing = [k for k in PARAM_KEYS if k not in params]
+    if missing:
+        raise ValueError(f"params{where} miss {missing}; expected keys {list(PARAM_KEYS)}")
+    variant = vit.get_variant(spec.variant)
+    backbone = params["backbone"]
+    found = {
+        "backbone width": (backbone["cls_token"].shape[-1], variant.dim),
+        "backbone blocks": (sum(k.startswith("blocks_") for k in backbone), variant.depth),
+        "patch size": (backbone["patch_embed"]["proj"]["kernel"].shape[0], variant.patch),
+        "code dim": (params["head"]["linear"]["kernel"].shape[-1], spec.dim),
+        "cluster probe classes": (params["cluster_probe"]["clusters"].shape[0], spec.n_classes),
+        "linear probe classes": (
+            params["linear_probe"]["linear"]["kernel"].shape[-1], spec.n_classes
+        ),
+    }
+    bad = [f"{name} {got} (expected {want})" for name, (got, want) in found.items() if got != want]
+    if bad:
+        raise ValueError(
+            f"params{where} do not fit variant {spec.variant!r}, dim {spec.dim}, "
+            f"{spec.n_classes} classes: " + "; ".join(bad)
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+def frozen_features(
+    spec: ModelSpec, backbone_params: dict, images: jax.Array, *, normalized: bool = False
 ) -> jax.Array:
+    """The frozen backbone's patch features (B, H/p, W/p, C), float32, no gradient.
+
+    images: uint8 (B, H, W, 3), normalised here; or already ImageNet-normalised floats with
+    normalized=True (the KNN command's batches).
+    """
+    x = images if normalized else normalize_images(images)
+    with spec.precision():
+        feats = spec.backbone.apply({"params": backbone_params}, x)
+    return jax.lax.stop_gradient(feats.astype(jnp.float32))
+
+
+def head_code(spec: ModelSpec, head_params: dict, feats: jax.Array) -> jax.Array:
+    """The head's code of features (deterministic: no dropout), float32."""
+    with spec.precision():
+        code = spec.head.apply({"params": head_params}, feats, deterministic=True)
+    return code.astype(jnp.float32)
+
+
+def compute_code(spec: ModelSpec, params: dict, images: jax.Array) -> jax.Array:
     """uint8 (B, H, W, 3) -> code (B, H/p, W/p, dim), deterministic (no dropout)."""
-    with precision_scope(matmul_precision):
-        feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
-            {"params": params["backbone"]}, normalize_images(images)
-        )
-        return head.SegmentationHead(dim=dim, dropout=0.0).apply(
-            {"params": params["head"]}, feats, deterministic=True
-        )
+    return head_code(spec, params["head"], frozen_features(spec, params["backbone"], images))
 
 
-@xla.jit(static_argnames=("variant", "dim", "n_classes", "dtype", "flip", "matmul_precision"))
-def predict(
-    params: dict,
-    images: jax.Array,
-    *,
-    variant: str,
-    dim: int,
-    n_classes: int,
-    dtype,
-    flip: bool,
-    matmul_precision: str = "default",
+def features_for_predict(
+    spec: ModelSpec, backbone_params: dict, images: jax.Array, *, flip: bool
+) -> jax.Array:
+    """The backbone pass `predict_from_features` takes: the images' features, or with flip
+    those of [images, horizontally flipped images] (one pass over 2B)."""
+    if flip:
+        images = jnp.concatenate([images, images[:, :, ::-1]])
+    return frozen_features(spec, backbone_params, images)
+
+
+def predict_from_features(
+    spec: ModelSpec, trainable: dict, feats: jax.Array, image_hw: tuple[int, int], *, flip: bool
 ) -> dict:
+    """Head and probes on `features_for_predict`'s output; see `predict` for the outputs."""
+    code = head_code(spec, trainable["head"], feats)
+    if flip:
+        b = code.shape[0] // 2
+        code = (code[:b] + code[b:, :, ::-1]) / 2  # un-flip the second half's code
+    code_up = resize_bilinear(code, image_hw, align_corners=False)
+    inner = spec.cluster_probe.apply({"params": trainable["cluster_probe"]}, code_up)
+    logits = spec.linear_probe.apply({"params": trainable["linear_probe"]}, code_up)
+    return {
+        "code": code,
+        "cluster_log_probs": head.cluster_log_probs(inner, alpha=2.0),
+        "linear_logits": logits,
+    }
+
+
+@xla.jit(static_argnames=("spec", "flip"))
+def predict(params: dict, images: jax.Array, spec: ModelSpec, flip: bool) -> dict:
     """Runs backbone, head and both probes on uint8 images.
 
     Args:
       params: {"backbone", "head", "cluster_probe", "linear_probe"}, each a flax "params" tree.
       images: (B, H, W, 3) uint8 RGB, H and W multiples of the patch size.
-      variant, dim, n_classes, dtype, matmul_precision: the model (config.model).
+      spec: the model.
       flip: average the code with the flipped code of the horizontally flipped image.
     Returns:
       dict with "code" (B, h, w, K) float32 at the feature grid, "cluster_log_probs"
@@ -157,101 +280,5 @@ def predict(
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise ValueError(f"params miss {missing}; expected keys {list(PARAM_KEYS)}")
-    b, h, w = images.shape[:3]
-    code_fn = lambda x: compute_code(  # noqa: E731
-        params, x, variant=variant, dim=dim, dtype=dtype, matmul_precision=matmul_precision
-    )
-    if flip:
-        # One backbone pass over [images, flipped images]; un-flip the second half's code.
-        both = code_fn(jnp.concatenate([images, images[:, :, ::-1]]))
-        code = (both[:b] + both[b:, :, ::-1]) / 2
-    else:
-        code = code_fn(images)
-    code = code.astype(jnp.float32)
-    code_up = resize_bilinear(code, (h, w), align_corners=False)
-    inner = head.ClusterProbe(n_classes).apply({"params": params["cluster_probe"]}, code_up)
-    logits = head.LinearProbe(n_classes).apply({"params": params["linear_probe"]}, code_up)
-    return {
-        "code": code,
-        "cluster_log_probs": head.cluster_log_probs(inner, alpha=2.0),
-        "linear_logits": logits,
-    }
-
-
-def predict_fn(model_cfg, n_classes: int):
-    """predict(params, images, flip=...) bound to config.model."""
-
-    def fn(params, images, *, flip: bool):
-        return predict(
-            params,
-            images,
-            variant=model_cfg.variant,
-            dim=int(model_cfg.dim),
-            n_classes=int(n_classes),
-            dtype=str(model_cfg.dtype),
-            flip=flip,
-            matmul_precision=model_cfg.get("matmul_precision", "default"),
-        )
-
-    return fn
-
-
-def check_params(params: dict, *, variant: str, dim: int, n_classes: int, where: str = "") -> None:
-    """Raises a ValueError naming both sides if params do not fit the described model."""
-    where = f" in {where}" if where else ""
-    missing = [k for k in PARAM_KEYS if k not in params]
-    if missing:
-        raise ValueError(f"params{where} miss {missing}; expected keys {list(PARAM_KEYS)}")
-    spec = vit.get_variant(variant)
-    backbone = params["backbone"]
-    found = {
-        "backbone width": (backbone["cls_token"].shape[-1], spec.dim),
-        "backbone blocks": (sum(k.startswith("blocks_") for k in backbone), spec.depth),
-        "patch size": (backbone["patch_embed"]["proj"]["kernel"].shape[0], spec.patch),
-        "code dim": (params["head"]["linear"]["kernel"].shape[-1], dim),
-        "cluster probe classes": (params["cluster_probe"]["clusters"].shape[0], n_classes),
-        "linear probe classes": (params["linear_probe"]["linear"]["kernel"].shape[-1], n_classes),
-    }
-    bad = [f"{name} {got} (expected {want})" for name, (got, want) in found.items() if got != want]
-    if bad:
-        raise ValueError(
-            f"params{where} do not fit variant {variant!r}, dim {dim}, {n_classes} classes: "
-            + "; ".join(bad)
-        )
-
-
-def init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: int = 32) -> dict:
-    """Randomly initialised params of the whole model (tests, demos without weights)."""
-    return _init_params(key, variant=variant, dim=dim, n_classes=n_classes, res=res)
-
-
-@xla.jit(static_argnames=("variant", "dim", "n_classes", "res"))
-def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: int) -> dict:
-    k_vit, k_head, k_cluster, k_linear = jax.random.split(key, 4)
-    images = jnp.zeros((1, res, res, 3), jnp.float32)
-    feats, bparams = backbones.build_backbone(variant).init_with_output(k_vit, images)
-    hparams = head.SegmentationHead(dim=dim).init(k_head, feats, deterministic=True)
-    code = jnp.zeros(feats.shape[:3] + (dim,), jnp.float32)
-    return {
-        "backbone": bparams["params"],
-        "head": hparams["params"],
-        "cluster_probe": head.ClusterProbe(n_classes).init(k_cluster, code)["params"],
-        "linear_probe": head.LinearProbe(n_classes).init(k_linear, code)["params"],
-    }
-
-
-def backbone_features(model_cfg, *, variant: str | None = None, normalize: bool = True):
-    """features(backbone_params, images (B,H,W,3)) -> backbone tokens (B,h,w,C).
-
-    normalize: the images are uint8 and get the ImageNet normalisation here; False: they
-    already have it (the KNN command's batches).
-    """
-    backbone = backbones.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
-    precision = model_cfg.get("matmul_precision", "default")
-
-    def features(backbone_params, images):
-        x = normalize_images(images) if normalize else images
-        with precision_scope(precision):
-            return backbone.apply({"params": backbone_params}, x)
-
-    return features
+    feats = features_for_predict(spec, params["backbone"], images, flip=flip)
+    return predict_from_features(spec, params, feats, images.shape[1:3], flip=flip)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from depthg_jax import commands
 from depthg_jax.models import pth
 from depthg_jax.models.convert import convert_state_dict, infer_architecture
 from depthg_jax.models.vit import VARIANTS, get_variant
@@ -375,13 +376,10 @@ def import_checkpoint(
         raise FileExistsError(f"output {out} already exists; choose a new --out directory")
     ckpt = read_checkpoint(checkpoint)
     params, facts = convert_release(ckpt, variant=variant, dataset=dataset)
-    model_lib.check_params(
-        params,
-        variant=facts["variant"],
-        dim=facts["dim"],
-        n_classes=facts["n_classes"],
-        where=str(checkpoint),
+    spec = model_lib.ModelSpec(
+        variant=facts["variant"], dim=facts["dim"], n_classes=facts["n_classes"]
     )
+    model_lib.check_params(params, spec, where=str(checkpoint))
     source = {
         "source": str(checkpoint),
         "source_name": checkpoint.name,
@@ -449,7 +447,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
 
     define_flags()
-    app.run(main)
+    commands.run_main(main)

@@ -6,6 +6,7 @@ checkpoint, the steps with finite checks, validation, checkpoints and clean stop
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -17,13 +18,14 @@ import ml_collections
 from depthg_jax import config as config_lib
 from depthg_jax.data import pipeline
 from depthg_jax.evaluation import evaluator, reports
-from depthg_jax.method import objective
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, distributed, seeds, sharding
+from depthg_jax.runtime import checkpoint, distributed, files, seeds, sharding
 from depthg_jax.runtime.metric_writer import MetricWriter
 from depthg_jax.runtime.preemption import Preemption
 from depthg_jax.training import finite, setup_data, summaries
 from depthg_jax.training import workdir as workdir_lib
+
+RESULTS_FILE = "results.json"
 
 
 def check_eval_split(config: ml_collections.ConfigDict) -> None:
@@ -46,19 +48,35 @@ def check_eval_split(config: ml_collections.ConfigDict) -> None:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+
+
+def write_results(workdir: str, results: dict) -> None:
+    """<workdir>/results.json, the training summary (process 0, atomically)."""
+    if jax.process_index() == 0:
+        record = {"kind": "training summary", **results}
+        files.write_text_atomic(
+            os.path.join(workdir, RESULTS_FILE), json.dumps(record, indent=2, default=float)
+        )
+
 
 
 class Validator:
-    """In-training validation on the evaluation split (no flip, no CRF), and its data."""
+    """In-training validation on the evaluation split (no flip, no CRF), and its data.
 
-    def __init__(self, config, backbone_params, mesh):
+    One evaluator, built once (its step compiles once), over the predict function the
+    trainer passes: one head's, or a population's.
+    """
+
+    def __init__(self, config, backbone_params, mesh, predict: evaluator.PredictFn):
         self.config = config
         self.backbone_params = backbone_params
         self.mesh = mesh
         self.eval_data = config_lib.eval_data(config)
         self.depth_cast = config_lib.release_depth_cast(config, self.eval_data.name)
+        self.evaluator = evaluator.Evaluator(
+            predict, config.data.n_classes, mesh, progress=False, desc="validate"
+        )
 
     def loader(self, max_batches: int):
         return pipeline.make_eval_loader(
@@ -70,16 +88,10 @@ class Validator:
             release_depth_cast=self.depth_cast,
         )
 
-    def __call__(self, trainable: dict) -> dict:
-        return evaluator.evaluate_loader(
+    def __call__(self, trainable: dict):
+        return self.evaluator(
             model_lib.full_params(self.backbone_params, trainable),
-            self.config.model,
-            self.config.data.n_classes,
             self.loader(self.config.train.eval_batches),
-            flip=False,
-            crf=False,
-            mesh=self.mesh,
-            progress=False,
         )
 
 
@@ -95,7 +107,7 @@ class Run:
     config: ml_collections.ConfigDict  # resolved
     workdir: str
     mesh: Any
-    model: model_lib.Model
+    spec: model_lib.ModelSpec
     backbone_params: dict  # replicated on the mesh
     k_step: jax.Array
     manager: Any
@@ -122,8 +134,8 @@ def start_run(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
-    init_state: Callable[[model_lib.Model, jax.Array], Any],
-    validator: type[Validator] = Validator,
+    init_state: Callable[[model_lib.ModelSpec, jax.Array], Any],
+    predict: Callable[[model_lib.ModelSpec], evaluator.PredictFn],
 ) -> Run:
     """Guards the workdir, builds model and data, restores the latest intact checkpoint."""
     os.makedirs(workdir, exist_ok=True)
@@ -132,7 +144,7 @@ def start_run(
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
 
-    model = model_lib.build_model(config.model, config.data.n_classes)
+    spec = model_lib.ModelSpec.from_config(config)
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
     backbone_params = model_lib.init_backbone(config.model, k_backbone)
     setup_data.prepare_data(config)
@@ -140,7 +152,7 @@ def start_run(
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 
-    state = sharding.replicate(init_state(model, k_state), mesh)
+    state = sharding.replicate(init_state(spec, k_state), mesh)
     initial_params = jax.device_get(state.params)  # host copy: the step donates `state`
     manager = checkpoint.make_manager(
         os.path.join(workdir, "checkpoints"),
@@ -179,12 +191,12 @@ def start_run(
         config=config,
         workdir=workdir,
         mesh=mesh,
-        model=model,
+        spec=spec,
         backbone_params=backbone_params,
         k_step=k_step,
         manager=manager,
         loader=loader,
-        validate=validator(config, backbone_params, mesh),
+        validate=Validator(config, backbone_params, mesh, predict(spec)),
         eval_every=eval_every,
         state=state,
         initial_params=initial_params,
@@ -212,7 +224,7 @@ def run_loop(run: Run, step_fn, writer: MetricWriter, reporting: Reporting) -> d
     """Runs the steps from state.step to num_steps; returns the final state and last validation,
     or {"preempted_at": step} after a SIGTERM/SIGINT (a checkpoint of that step is saved).
 
-    step_fn(state, backbone_params, batch, key, num_side=S) -> (state, metrics with "finite").
+    step_fn(state, batch, step_index) -> (state, metrics with "finite") (training.step.BoundStep).
     """
     config, manager, eval_every, state = run.config, run.manager, run.eval_every, run.state
     prefetch = pipeline.Prefetcher(run.loader, run.mesh, size=config.data.prefetch)
@@ -232,10 +244,7 @@ def run_loop(run: Run, step_fn, writer: MetricWriter, reporting: Reporting) -> d
             pending: list[tuple[int, dict]] = []  # (step, metrics) not yet checked finite
             for step in range(start, num_steps):
                 batch, data_state = next(prefetch)
-                num_side = objective.samples_at(config, step)
-                state, metrics = step_fn(
-                    state, run.backbone_params, batch, run.k_step, num_side=num_side
-                )
+                state, metrics = step_fn(state, batch, step)
                 steps_since += 1
                 done = step + 1
                 pending.append((done, metrics))

@@ -1,6 +1,6 @@
 """Sweep mode: a population of DepthG heads trained in one jitted step (depthg_jax.training.sweep).
 
-The population's state is a `train.TrainState` whose params and optimiser state carry a
+The population's state is a `step.TrainState` whose params and optimiser state carry a
 leading member axis P (the step count is shared). One step runs the frozen backbone once on
 the global batch, then `vmap`s the loss, its gradient and the Adam update over the members'
 trainable state and per-member hyperparameters (`objective.hparams`, one column per member).
@@ -18,10 +18,8 @@ the best member's export and a picture of the metric per member against each swe
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,18 +27,16 @@ import ml_collections
 import numpy as np
 
 from depthg_jax import config as config_lib
-from depthg_jax.evaluation import metrics, reports
-from depthg_jax.method import objective
-from depthg_jax.method.image_ops import normalize_images, resize_bilinear
-from depthg_jax.models import backbones, head
-from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, distributed, files, sharding, xla
+from depthg_jax.evaluation import evaluator, reports
+from depthg_jax.method import objective as objective_lib
+from depthg_jax.runtime import checkpoint, distributed, files, sharding
 from depthg_jax.runtime.metric_writer import MetricWriter
-from depthg_jax.training import finite, loop, sweep, train
+from depthg_jax.training import exports, loop, sweep
+from depthg_jax.training import step as step_lib
 from depthg_jax.training import workdir as workdir_lib
 
 # --------------------------------------------------------------------------------------
-# State and hyperparameters
+# Hyperparameters and the objective
 # --------------------------------------------------------------------------------------
 
 
@@ -57,33 +53,12 @@ def member_hparams(table: list[dict]) -> dict:
     return hp
 
 
-def shared_config(config: ml_collections.ConfigDict, table: list[dict]):
-    """The config every member's step reads: loss.sampling set to the members' common value."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    if not sweep.mixes_sampling(table):
-        out.loss.sampling = table[0]["settings"][sweep.SAMPLING_FIELD]
-    return out
-
-
-def create_population_state(
-    config: ml_collections.ConfigDict, model: model_lib.Model, key: jax.Array, num_members: int
-) -> train.TrainState:
-    """P copies of the single run's initial state (same init: paired comparisons)."""
-    single = train.create_train_state(config, model, key)
-
-    def stack(x):
-        return jnp.broadcast_to(x, (num_members,) + x.shape)
-
-    return train.TrainState(
-        step=single.step,
-        params=jax.tree.map(stack, single.params),
-        opt_state=jax.tree.map(stack, single.opt_state),
-    )
-
-
-def member_params(params: dict, i: int) -> dict:
-    """Member i's trainable params out of the population's."""
-    return jax.tree.map(lambda x: x[i], params)
+def shared_objective(config: ml_collections.ConfigDict, table: list[dict]):
+    """The objective every member's step reads: the members' common loss.sampling, or
+    MIXED (hp["fps"] picks per member)."""
+    samplings = {m["settings"][sweep.SAMPLING_FIELD] for m in table}
+    sampling = samplings.pop() if len(samplings) == 1 else objective_lib.MIXED
+    return objective_lib.Objective.from_config(config, sampling=sampling)
 
 
 # --------------------------------------------------------------------------------------
@@ -92,143 +67,39 @@ def member_params(params: dict, i: int) -> dict:
 
 
 def population_train_step(
-    state: train.TrainState,
+    state: step_lib.TrainState,
     backbone_params: dict,
     batch: dict,
     root_key: jax.Array,
     hp: dict,
     *,
-    config: ml_collections.ConfigDict,
-    model: model_lib.Model,
+    spec,
+    objective: objective_lib.Objective,
     num_side: int,
-) -> tuple[train.TrainState, dict]:
+) -> tuple[step_lib.TrainState, dict]:
     """One optimiser update of every member on one global batch; metrics gain axis P."""
     key = jax.random.fold_in(root_key, state.step)
-    feats, feats_pos = objective.backbone_features(backbone_params, batch, model=model)
+    feats, feats_pos = objective_lib.pair_features(spec, backbone_params, batch)
 
     def member(params, opt_state, member_hp):
-        one = train.TrainState(step=state.step, params=params, opt_state=opt_state)
-        new, out = train.update_from_features(
-            one, feats, feats_pos, batch, key, config=config, model=model,
-            num_side=num_side, hp=member_hp,
+        one = step_lib.TrainState(step=state.step, params=params, opt_state=opt_state)
+        new, out = step_lib.update_from_features(
+            one, feats, feats_pos, batch, key, member_hp,
+            spec=spec, objective=objective, num_side=num_side,
         )  # fmt: skip
         del out["num_samples"]  # shared by all members: one scalar below
         return new.params, new.opt_state, out
 
     params, opt_state, out = jax.vmap(member)(state.params, state.opt_state, hp)
     out["num_samples"] = jnp.asarray(num_side, jnp.int32)
-    return train.TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
+    return step_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), out
 
 
-def make_population_step(config: ml_collections.ConfigDict, model: model_lib.Model, mesh):
+def make_population_step(parallelism: str, spec, objective, mesh):
     """The jitted population step (state donated, outputs replicated; one compile per S)."""
-    if config.train.parallelism != "jit":
-        raise ValueError(
-            f'sweep mode runs with train.parallelism="jit", not {config.train.parallelism!r}'
-        )
-    replicated = sharding.replicated(mesh)
-
-    @xla.jit(static_argnames=("num_side",), donate_argnums=(0,))
-    def step_fn(state, backbone_params, batch, root_key, hp, num_side):
-        new_state, out = population_train_step(
-            state, backbone_params, batch, root_key, hp,
-            config=config, model=model, num_side=num_side,
-        )  # fmt: skip
-        out["finite"] = finite.all_finite(out, new_state)
-        new_state = jax.lax.with_sharding_constraint(new_state, replicated)
-        out = jax.lax.with_sharding_constraint(out, replicated)
-        return new_state, out
-
-    return step_fn
-
-
-# --------------------------------------------------------------------------------------
-# Validation: one backbone forward per batch for all members
-# --------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def make_population_eval_step(
-    variant: str, dim: int, dtype: str, n_classes: int, mesh, matmul_precision: str = "default"
-):
-    """Jitted (backbone, population params, images, labels, valid) -> (cluster confusions
-    (P, n, n), linear confusions (P, n, n), #valid): evaluate's step without flip, per member."""
-    replicated = sharding.replicated(mesh)
-
-    @xla.jit(out_shardings=(replicated, replicated, replicated))
-    def step(backbone_params, params, images, labels, valid):
-        h, w = images.shape[1:3]
-        with model_lib.precision_scope(matmul_precision):
-            feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
-                {"params": backbone_params}, normalize_images(images)
-            )
-
-        def member(p):
-            with model_lib.precision_scope(matmul_precision):
-                code = head.SegmentationHead(dim=dim, dropout=0.0).apply(
-                    {"params": p["head"]}, feats, deterministic=True
-                )
-            code_up = resize_bilinear(code.astype(jnp.float32), (h, w), align_corners=False)
-            inner = head.ClusterProbe(n_classes).apply({"params": p["cluster_probe"]}, code_up)
-            logits = head.LinearProbe(n_classes).apply({"params": p["linear_probe"]}, code_up)
-            cluster = jnp.argmax(head.cluster_log_probs(inner, alpha=2.0), axis=-1)
-            linear = jnp.argmax(logits, axis=-1)
-            return (
-                metrics.confusion(cluster, labels, n_classes, n_classes, valid),
-                metrics.confusion(linear, labels, n_classes, n_classes, valid),
-            )
-
-        # Members one after another: memory of one member's upsampled code at a time.
-        cluster, linear = jax.lax.map(member, params)
-        return cluster, linear, jnp.sum(valid.astype(jnp.int32))
-
-    return step
-
-
-def evaluate_population(backbone_params, params, model_cfg, n_classes, loader, mesh) -> list:
-    """Per member, evaluate.evaluate_loader's result dict (flip and CRF off)."""
-    step = make_population_eval_step(
-        model_cfg.variant,
-        int(model_cfg.dim),
-        str(model_cfg.dtype),
-        int(n_classes),
-        mesh,
-        model_cfg.get("matmul_precision", "default"),
-    )
-    start = time.perf_counter()
-    totals = None
-    for batch in loader:
-        g = sharding.host_to_global({k: batch[k] for k in ("image", "label", "valid")}, mesh)
-        outs = step(backbone_params, params, g["image"], g["label"], g["valid"])
-        totals = outs if totals is None else tuple(a + b for a, b in zip(totals, outs, strict=True))
-    if totals is None or int(totals[2]) == 0:
-        raise ValueError("the evaluation loader gave no valid images (empty split?)")
-    cluster, linear = (np.asarray(jax.device_get(t)).astype(np.int64) for t in totals[:2])
-    elapsed = time.perf_counter() - start
-    results = []
-    for i in range(cluster.shape[0]):
-        results.append({
-            "cluster": metrics.scores(cluster[i], hungarian=True),
-            "linear": metrics.scores(linear[i], hungarian=False),
-            "confusion": {"cluster": cluster[i], "linear": linear[i]},
-            "num_images": int(totals[2]),
-            "time_s": elapsed,
-        })  # fmt: skip
-    return results
-
-
-class _PopulationValidator(loop.Validator):
-    """The single run's validator (same data and batches), scoring every member at once."""
-
-    def __call__(self, trainable: dict) -> list:
-        return evaluate_population(
-            self.backbone_params,
-            trainable,
-            self.config.model,
-            self.config.data.n_classes,
-            self.loader(self.config.train.eval_batches),
-            self.mesh,
-        )
+    if parallelism != "jit":
+        raise ValueError(f'sweep mode runs with train.parallelism="jit", not {parallelism!r}')
+    return step_lib.jit_program(population_train_step, spec, objective, mesh)
 
 
 # --------------------------------------------------------------------------------------
@@ -241,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the population config.sweep names, validates, reports, exports the best member.
 
     The run is set up, looped and guarded exactly as a single run (`loop.start_run`,
-    `loop.run_loop`); only the state, the step and what is reported differ.
+    `loop.run_loop`); only the state, the step, the predict function and the reports differ.
     """
     workdir = os.path.abspath(workdir)
     config = config_lib.resolve(config, workdir)
@@ -250,23 +121,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     names = [m["name"] for m in table]
     print(
         f"Sweep: {len(table)} members, estimated {memory['estimate_bytes'] / 2**30:.2f} GiB "
-        f"of {memory['budget_bytes'] / 2**30:.1f}; members in {workdir}/sweep_members.json",
+        f"of {memory['budget_bytes'] / 2**30:.1f}; members in {workdir}/{sweep.TABLE_FILE}",
         flush=True,
     )
+    base_hp = objective_lib.hparams(config)
     run = loop.start_run(
         config,
         workdir,
-        init_state=lambda model, key: create_population_state(config, model, key, len(table)),
-        validator=_PopulationValidator,
+        init_state=lambda spec, key: step_lib.create_population_state(
+            spec, base_hp, key, len(table)
+        ),
+        predict=lambda spec: evaluator.population_predictor(spec),
     )
     if jax.process_index() == 0:
         sweep.write_table(table, workdir)
-    hp = sharding.replicate(member_hparams(table), run.mesh)
-    population_step = make_population_step(shared_config(config, table), run.model, run.mesh)
-
-    def step_fn(state, backbone_params, batch, key, num_side):
-        return population_step(state, backbone_params, batch, key, hp, num_side=num_side)
-
+    objective = shared_objective(config, table)
+    program = make_population_step(config.train.parallelism, run.spec, objective, run.mesh)
+    step_fn = step_lib.BoundStep(
+        program,
+        run.backbone_params,
+        run.k_step,
+        sharding.replicate(member_hparams(table), run.mesh),
+        objective,
+    )
     writer = MetricWriter(workdir)
     outcome = loop.run_loop(run, step_fn, writer, _reporting(config, names))
     if "preempted_at" in outcome:
@@ -279,8 +156,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     selection = {
         "checkpoint": "final",
         "step": final_step,
-        "member": names[best],
-        "settings": table[best]["settings"],
         "metric": config.train.best_metric,
         "score": rows[best][config.train.best_metric],
         "selected_on": checkpoint.BEST_SELECTED_ON,
@@ -289,6 +164,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(final_step, {f"{names[i]}/{k}": v for k, v in row.items() if k != "member"})
     writer.close()
     fields = sweep.swept_fields(table)
+    layout = exports.RunLayout(workdir=workdir, config=config, members=table)
+    member_config, trainable, selection = exports.member_export(
+        layout, jax.device_get(state.params), best, selection
+    )
     text = format_table(rows, table, fields, selection)
     print(text, flush=True)
     results = {
@@ -299,18 +178,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "memory_estimate": memory,
     }
     if jax.process_index() == 0:
-        files.write_text_atomic(os.path.join(workdir, "sweep.json"), json.dumps(results, indent=2))
+        files.write_text_atomic(
+            os.path.join(workdir, exports.SWEEP_SUMMARY), json.dumps(results, indent=2)
+        )
         files.write_text_atomic(os.path.join(workdir, "sweep_table.txt"), text + "\n")
         write_sweep_picture(
             os.path.join(workdir, "sweep.png"), rows, table, fields, config.train.best_metric
         )
-        trainable = jax.device_get(member_params(state.params, best))
-        checkpoint.replace_export(
+        exports.write_export(
             os.path.join(workdir, "export"),
-            sweep.member_config(config, table[best]),
-            model_lib.full_params(jax.device_get(run.backbone_params), trainable),
-            selection=selection,
+            member_config,
+            run.backbone_params,
+            trainable,
+            selection,
+            replace=True,
         )
+    loop.write_results(workdir, results)
     distributed.sync("export")
     return results
 

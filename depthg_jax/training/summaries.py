@@ -54,7 +54,7 @@ def write_image_summary(
     images = np.asarray(batch["image"])[valid][:max_images]
     if len(images) == 0:
         return None
-    out = model_lib.predict_fn(config.model, config.data.n_classes)(params, images, flip=False)
+    out = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), False)
     clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
     if val_result is not None and "assignment" in val_result["cluster"]:
         clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]

@@ -9,7 +9,7 @@
 - `members`: "name=stego,loss.depth_weight=0,loss.sampling=random|loss.depth_weight=0.19",
   one member per "|"-separated entry, each field not named keeping the config's value.
 
-Only per-member fields may vary (config.HPARAM_FIELDS and loss.sampling): everything the
+Only per-member fields may vary (config.MEMBER_FIELDS, the table's per_member ones): what the
 members share (backbone, data, batch, S schedule, code dim, objective, ...) is refused with
 the field named. `check_memory` refuses a population too large for the device before anything
 is compiled, with its estimate.
@@ -29,7 +29,7 @@ from depthg_jax import config as config_lib
 from depthg_jax.models import vit
 
 SAMPLING_FIELD = "loss.sampling"
-MEMBER_FIELDS = tuple(config_lib.HPARAM_FIELDS.values()) + (SAMPLING_FIELD,)
+MEMBER_FIELDS = config_lib.MEMBER_FIELDS
 
 
 def is_sweep(config: ml_collections.ConfigDict) -> bool:
@@ -38,19 +38,26 @@ def is_sweep(config: ml_collections.ConfigDict) -> bool:
     return bool(sweep and (sweep.grid or sweep.random or sweep.members))
 
 
-def _field_value(field: str, text: str, where: str):
+def _field_value(field: str, text: str, where: str, *, check: bool = True):
+    """The member's value of `field` parsed from text, checked against the field's rules."""
     text = text.strip()
-    if field == SAMPLING_FIELD:
-        if text not in ("fps", "random"):
-            raise ValueError(f"{where}: {field}={text!r}; expected 'fps' or 'random'")
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{where}: {field}={text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{where}: {field}={text!r} is not finite")
+    if config_lib.FIELDS[field].kind is str:
+        value = text
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{where}: {field}={text!r} is not a number") from None
+    if check:
+        _check_value(field, value, where)
     return value
+
+
+def _check_value(field: str, value, where: str) -> None:
+    try:
+        config_lib.check_field(field, value)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _check_field(field: str, where: str) -> str:
@@ -105,9 +112,11 @@ def parse_ranges(text: str, count: int, seed: int) -> list[dict]:
         log = len(parts) == 3 and parts[2].strip() == "log"
         if len(parts) not in (2, 3) or (len(parts) == 3 and not log):
             raise ValueError(f"{where}={text!r}: {field}={spec!r} is not 'lo:hi' or 'lo:hi:log'")
-        lo, hi = (_field_value(field, p, where) for p in parts[:2])
+        lo, hi = (_field_value(field, p, where, check=False) for p in parts[:2])
         if not lo <= hi or (log and lo <= 0):
             raise ValueError(f"{where}: {field}={spec!r} needs lo <= hi (and lo > 0 with :log)")
+        for bound in (lo, hi):
+            _check_value(field, bound, where)
         ranges.append((field, lo, hi, log))
     rng = np.random.default_rng(seed)
     members = []
@@ -190,13 +199,31 @@ def swept_fields(table: list[dict]) -> list[str]:
     return [f for f in MEMBER_FIELDS if len({m["settings"][f] for m in table}) > 1]
 
 
+TABLE_FILE = "sweep_members.json"
+
+
 def write_table(table: list[dict], workdir: str) -> str:
     """Writes <workdir>/sweep_members.json (the resolved member table); returns its path."""
-    path = os.path.join(workdir, "sweep_members.json")
+    path = os.path.join(workdir, TABLE_FILE)
     from depthg_jax.runtime import files
 
     files.write_text_atomic(path, json.dumps(table, indent=2))
     return path
+
+
+def read_table(workdir: str) -> list[dict]:
+    """The member table a sweep run wrote (write_table)."""
+    path = os.path.join(workdir, TABLE_FILE)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{workdir} holds a sweep's config but its member table {path} cannot be read ({e})"
+        ) from e
+    if not isinstance(table, list) or not all("name" in m and "settings" in m for m in table):
+        raise ValueError(f"{path} is not a sweep member table")
+    return table
 
 
 # --------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
   from another host cannot be checked and is refused (remove the file if that host is down).
 - `guard_resume(config, workdir)`: run before anything is written. The resolved config is
   compared with the run's saved config.json field by field: fields that change the run (the
-  model, data, objective, loss, optimiser, batch size, seed: everything not listed in
-  `ALLOWED_ON_RESUME`) refuse with every field and both values; the allowed ones (logging and
+  model, data, objective, loss, optimiser, batch size, seed: every field config.FIELDS does
+  not mark on_resume) refuse with every field and both values; the allowed ones (logging and
   validation cadence, `train.num_steps` to extend a run, loader threads, the final protocol)
   are printed and appended to `<workdir>/resumes.jsonl`. A workdir with results but no
   checkpoint refuses unless `--config.train.restart=True`, which moves the old run's files to
@@ -26,6 +26,7 @@ import time
 
 import ml_collections
 
+from depthg_jax import config as config_lib
 from depthg_jax.runtime import files
 
 LOCK_FILE = ".lock"
@@ -33,25 +34,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 RESUMES_FILE = "resumes.jsonl"
 
-# Fields that may differ on resume: they change when or how often things happen, not what
-# the run computes (sections with a trailing "." allow every field in them).
-ALLOWED_ON_RESUME = (
-    "train.num_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.image_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.report_baselines",
-    "train.best_metric",
-    "train.parallelism",
-    "train.restart",
-    "data.worker_count",
-    "data.read_threads",
-    "data.prefetch",
-    "eval.",
-)
 # What a run leaves in its workdir (moved aside together on restart).
 RUN_FILES = (
     CONFIG_FILE, METRICS_FILE, RESUMES_FILE, "results.json", "checkpoints",
@@ -185,9 +167,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def is_allowed_on_resume(field: str) -> bool:
-    return any(
-        field == a or (a.endswith(".") and field.startswith(a)) for a in ALLOWED_ON_RESUME
-    )
+    return field in config_lib.ALLOWED_ON_RESUME
 
 
 def config_changes(saved: dict, current: dict, defaults: dict | None = None):
@@ -261,8 +241,6 @@ def guard_resume(config: ml_collections.ConfigDict, workdir: str) -> str:
     files moved aside) or records allowed changes in resumes.jsonl (on "resume").
     """
     import jax
-
-    from depthg_jax import config as config_lib
 
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0  # the workdir is shared: one process moves and records
