@@ -10,7 +10,9 @@ ids ``<id>_0`` .. ``<id>_4`` in the `directory` layout under --out:
 Depth is cropped from the normalised map and not re-normalised: stored as 8-bit when every
 value is a whole number (8-bit sources), else as ``_zoedepth_16.png`` (x 65535/255, rounded).
 Each file is written atomically (temporary name, then rename); an image whose crops all
-exist is skipped, so an interrupted run resumes and a finished one is a no-op.
+exist is skipped, so an interrupted run resumes and a finished one is a no-op. One run writes
+into an --out at a time (a lock file, ``.five_crop.lock``); the temporary files of a killed run
+are removed by the next. Every path written lies inside --out (ids are checked).
 Train on the result with data.name="directory", data.root=<out>.
 
     python -m depthg_jax.data.five_crop --dataset=cocostuff27 --root=DIR --split=train --out=DIR
@@ -24,11 +26,14 @@ import numpy as np
 from absl import app, flags
 
 from depthg_jax import commands
-from depthg_jax.data import datasets, depth_io, images
+from depthg_jax.data import datasets, depth_io, images, outputs
 from depthg_jax.runtime import files
 
 NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
+# directory/synthetic: every stored class id (< 255) is copied as it is; 255 stays ignore.
+KEEP_STORED_IDS = 255
+LOCK_FILE = ".five_crop.lock"
 
 
 def five_crop_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
@@ -47,7 +52,8 @@ def _crop_paths(out: str, split: str, crop_id: str, image_ext: str, labels: bool
     paths["depth"] = images.depth_path(depth_stem, "png16" if depth16 else "png8")
     if labels:
         paths["label"] = os.path.join(out, "labels", split, crop_id + ".png")
-    return paths
+    what = f"crop {crop_id!r} of split {split!r}"
+    return {k: outputs.confine(p, out, what) for k, p in paths.items()}
 
 
 def _crop_done(out, split, crop_id, image_ext, labels) -> bool:
@@ -78,7 +84,20 @@ def write_five_crops(
     image_format: str = "jpg",
     jpeg_quality: int = RELEASE_JPEG_QUALITY,
 ) -> int:
-    """Writes the five crops of every example of source under out; returns #images cropped."""
+    """Writes the five crops of every example of source under out; returns #images cropped.
+
+    Holds `LOCK_FILE` in out while writing (a second run into it is an error) and first removes
+    the temporary files a killed run left there."""
+    datasets.check_id(split, "--split", out)
+    with outputs.WriterLock(out, LOCK_FILE, "five_crop"):
+        folders = [os.path.join(out, kind, split) for kind in ("images", "labels", "depth")]
+        outputs.remove_stale(
+            [p for f in folders for p in outputs.atomic_temporaries(f)], "temporary files"
+        )
+        return _write_five_crops(source, out, split, image_format, jpeg_quality)
+
+
+def _write_five_crops(source, out: str, split: str, image_format: str, jpeg_quality: int) -> int:
     from tqdm import tqdm
 
     image_ext = {"jpg": ".jpg", "png": ".png"}[image_format]
@@ -122,10 +141,22 @@ def define_flags() -> None:
     flags.DEFINE_string("root", None, "The dataset's root folder.")
     flags.DEFINE_string("split", "train", "Split to crop.")
     flags.DEFINE_string("out", None, "Root of the cropped directory dataset.")
-    flags.DEFINE_integer("n_classes", 0, "Default: the dataset's.")
+    flags.DEFINE_integer(
+        "n_classes",
+        0,
+        "Label ids at or above this become ignore (255) in the crops. Default (0): 27 for "
+        "cocostuff27 and cityscapes27, 3 for potsdam3; directory and synthetic copy every "
+        "stored id (< 255) as it is, labelled or not.",
+        lower_bound=0,
+        upper_bound=KEEP_STORED_IDS,
+    )
     flags.DEFINE_enum("image_format", "jpg", ["jpg", "png"], "Crop image format.")
     flags.DEFINE_integer(
-        "jpeg_quality", RELEASE_JPEG_QUALITY, "JPEG quality (75: PIL's default, as released)."
+        "jpeg_quality",
+        RELEASE_JPEG_QUALITY,
+        "JPEG quality, 1..95 (75: PIL's default, as released).",
+        lower_bound=1,
+        upper_bound=95,
     )
     flags.mark_flags_as_required(["dataset", "root", "out"])
 
@@ -134,9 +165,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, 0)
-    if n_classes < 1:
-        raise app.UsageError(f"--n_classes is required for dataset {f.dataset!r}")
+    n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, KEEP_STORED_IDS)
     try:
         check_out_dir(f.root, f.out)
     except ValueError as e:
