@@ -22,7 +22,6 @@ import dataclasses
 import io
 import logging
 import os
-import sys
 import zipfile
 from collections.abc import Callable, Sequence
 
@@ -430,12 +429,9 @@ def main(argv: Sequence[str]) -> None:
     del argv
     distributed.initialize()
     config = flags.FLAGS.config
-    try:
-        path = make_knn_table(
-            config, per_device_batch=flags.FLAGS.per_device_batch, k=flags.FLAGS.k, progress=True
-        )
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    path = make_knn_table(
+        config, per_device_batch=flags.FLAGS.per_device_batch, k=flags.FLAGS.k, progress=True
+    )
     if jax.process_index() == 0:
         print(f"KNN table: {path}")
 
@@ -454,6 +450,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-
     _define_flags()
     commands.run_main(main)
