@@ -10,9 +10,9 @@ ids ``<id>_0`` .. ``<id>_4`` in the `directory` layout under --out:
 Depth is cropped from the normalised map and not re-normalised: stored as 8-bit when every
 value is a whole number (8-bit sources), else as ``_zoedepth_16.png`` (x 65535/255, rounded).
 Each file is written atomically (temporary name, then rename); an image whose crops all
-exist is skipped, so an interrupted run resumes and a finished one is a no-op. One run writes
-into an --out at a time (a lock file, ``.five_crop.lock``); the temporary files of a killed run
-are removed by the next. Every path written lies inside --out (ids are checked).
+exist is skipped, so an interrupted run resumes and a finished one is a no-op (the temporary
+files of a killed run are removed by the next write into their folder). Every path written
+lies inside --out (ids are checked).
 Train on the result with data.name="directory", data.root=<out>.
 
     python -m depthg_jax.data.five_crop --dataset=cocostuff27 --root=DIR --split=train --out=DIR
@@ -33,7 +33,6 @@ NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
 # directory/synthetic: every stored class id (< 255) is copied as it is; 255 stays ignore.
 KEEP_STORED_IDS = 255
-LOCK_FILE = ".five_crop.lock"
 
 
 def five_crop_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
@@ -84,20 +83,7 @@ def write_five_crops(
     image_format: str = "jpg",
     jpeg_quality: int = RELEASE_JPEG_QUALITY,
 ) -> int:
-    """Writes the five crops of every example of source under out; returns #images cropped.
-
-    Holds `LOCK_FILE` in out while writing (a second run into it is an error) and first removes
-    the temporary files a killed run left there."""
-    datasets.check_id(split, "--split", out)
-    with outputs.WriterLock(out, LOCK_FILE, "five_crop"):
-        folders = [os.path.join(out, kind, split) for kind in ("images", "labels", "depth")]
-        outputs.remove_stale(
-            [p for f in folders for p in outputs.atomic_temporaries(f)], "temporary files"
-        )
-        return _write_five_crops(source, out, split, image_format, jpeg_quality)
-
-
-def _write_five_crops(source, out: str, split: str, image_format: str, jpeg_quality: int) -> int:
+    """Writes the five crops of every example of source under out; returns #images cropped."""
     from tqdm import tqdm
 
     image_ext = {"jpg": ".jpg", "png": ".png"}[image_format]

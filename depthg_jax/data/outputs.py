@@ -1,22 +1,19 @@
-"""Where the data commands (five_crop, prepare) write: inside their output folder, one at a time.
+"""Where the data commands write: inside their output folder, one writer at a time.
 
-- `confine`: a path built from an id must stay inside the command's output folder.
+- `confine`: a path built from an id must stay inside the command's output folder (five_crop).
 - `WriterLock`: one writer per output folder (an advisory `flock`, released by the kernel when
-  the holder dies, so a killed run never blocks the next one).
+  the holder dies, so a killed run never blocks the next one) (prepare).
 - `remove_stale`: what a killed run left, removed by the next run once it holds the lock.
+(The temporary files of `runtime.files.write_atomic` are removed by its next write instead.)
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-
-# What `runtime.files.write_atomic` names its temporary files: ".<name>.<8 random>.tmp".
-ATOMIC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def confine(path: str | os.PathLike, out: str | os.PathLike, what: str) -> str:
@@ -78,11 +75,3 @@ def remove_stale(paths: Iterable[Path], what: str) -> list[str]:
     if removed:
         print(f"removed {len(removed)} {what} left by a killed run, e.g. {removed[0]}")
     return removed
-
-
-def atomic_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """The temporary files of interrupted atomic writes anywhere under `folder`."""
-    found = []
-    for dirpath, _, names in os.walk(folder):
-        found += [Path(dirpath) / n for n in names if ATOMIC_TEMP.match(n)]
-    return found
