@@ -36,24 +36,26 @@ from PIL import Image  # noqa: E402
 from depthg_jax.data import depth as depth_cmd  # noqa: E402
 
 
-def save_small(path: Path) -> None:
-    """Depth Anything V2 Small's published architecture, random weights, and its processor."""
+def save_small(path: Path, tiny: bool = False) -> None:
+    """Depth Anything V2 Small's published architecture, random weights, and its processor
+    (`tiny`: a 2-block width-32 encoder, the "v2-mu/14" ViT, at 56 px, for smoke tests)."""
     backbone = transformers.Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
+        hidden_size=32 if tiny else 384,
+        num_hidden_layers=2 if tiny else 12,
+        num_attention_heads=2 if tiny else 6,
         patch_size=14,
-        image_size=518,
-        out_indices=[3, 6, 9, 12],
+        image_size=28 if tiny else 518,
+        out_indices=[1, 2] if tiny else [3, 6, 9, 12],
         reshape_hidden_states=False,
     )
+    neck = dict(reassemble_factors=[2, 1], neck_hidden_sizes=[16, 32], fusion_hidden_size=16)
     config = transformers.DepthAnythingConfig(
         backbone_config=backbone,
-        reassemble_hidden_size=384,
-        neck_hidden_sizes=[48, 96, 192, 384],
-        fusion_hidden_size=64,
-        head_hidden_size=32,
+        reassemble_hidden_size=backbone.hidden_size,
+        head_hidden_size=8 if tiny else 32,
+        **(neck if tiny else dict(neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64)),
     )
+    size = 56 if tiny else 518
     torch.manual_seed(0)
     model = transformers.DepthAnythingForDepthEstimation(config).eval()
     # At transformers' initialisation the prediction is nearly constant (a relative range of
@@ -65,13 +67,13 @@ def save_small(path: Path) -> None:
         for name, p in model.named_parameters():
             if not name.startswith("backbone."):
                 p.add_(0.05 * torch.randn_like(p))
-        model(torch.randn(1, 3, 518, 686))
+        model(torch.randn(1, 3, size, size * 4 // 3 // 14 * 14))
         pre = captured[0]
         model.head.conv3.bias.add_(-pre.min() + 0.5 * (pre.max() - pre.min()))
     hook.remove()
     model.save_pretrained(path)
     transformers.DPTImageProcessorPil(
-        size={"height": 518, "width": 518},
+        size={"height": size, "width": size},
         keep_aspect_ratio=True,
         ensure_multiple_of=14,
         resample=3,
@@ -108,6 +110,99 @@ def compare(a: Path, b: Path) -> tuple[int, float]:
         worst = max(worst, int(np.abs(x - y).max()))
         same, total = same + int((x == y).sum()), total + x.size
     return worst, same / total
+
+
+def device_section(smoke: bool, steps: int, log=print) -> list[str]:
+    """bench/device_check.py's depth section (markdown lines) on the first local device.
+
+    Depth Anything V2 Small shape, random weights (`smoke`: the tiny model on the CPU): the
+    JAX forward alone (uint8 batch at the 640x480 image's preprocessed 518x686, float32 at full
+    precision and bfloat16), transformers' forward on the same device (CUDA when torch sees
+    one), then the command end to end (`generate_depth`, JPEGs in, PNGs out) with each
+    backend on the same images, and how far apart their PNGs are.
+    """
+    import jax
+
+    from depthg_jax.models import depth_anything as da
+
+    batch, n_images = (2, 4) if smoke else (16, 64)
+    tmp = Path(tempfile.mkdtemp(prefix="depth_device_"))
+    try:
+        save_small(tmp / "model", tiny=smoke)
+        write_images(tmp / "images", n_images, 640, 480)
+        jm = depth_cmd.load_jax_model(str(tmp / "model"))
+        pre = jm.preprocess
+        h, w = da.preprocessed_size(480, 640, pre["size"], pre["multiple"], True)
+        images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+        name = "tiny Depth Anything (v2-mu/14)" if smoke else "Depth Anything V2 Small shape"
+        lines = [
+            f"Depth maps ({name}, random weights, {h}x{w} input, batch {batch}, "
+            f"median of {steps}):",
+            "",
+            "| path | dtype | images/s | compile (s) |",
+            "|---|---|---|---|",
+        ]
+        for dtype in ("float32", "bfloat16"):
+            predictor = depth_cmd.JaxPredictor(jm, batch, dtype, False)
+            x = jax.device_put(images, predictor.batch_sharding)
+            t0 = time.perf_counter()
+            jax.block_until_ready(predictor.forward(predictor.params, x))
+            compile_s = time.perf_counter() - t0
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(predictor.forward(predictor.params, x))
+                times.append(time.perf_counter() - t0)
+            rate = predictor.batch / statistics.median(times)
+            lines.append(f"| JAX forward | {dtype} | {rate:.1f} | {compile_s:.1f} |")
+            log(lines[-1])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dm = depth_cmd.load_depth_model(str(tmp / "model"), device)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(dm.device) / 255
+
+        def torch_forward():
+            with torch.inference_mode():
+                out = dm.model(pixel_values=pixels).predicted_depth
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        torch_forward()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            torch_forward()
+            times.append(time.perf_counter() - t0)
+        lines.append(
+            f"| transformers forward ({device}) | float32 | "
+            f"{batch / statistics.median(times):.1f} | n/a |"
+        )
+        log(lines[-1])
+        lines += ["", "| command end to end | images/s |", "|---|---|"]
+        models = {"jax, float32": jm, "jax, bfloat16": jm, f"torch ({device})": dm}
+        for label, model in models.items():
+            dtype = "bfloat16" if "bfloat16" in label else "float32"
+            kwargs = dict(batch_size=batch, progress=False, dtype=dtype)
+            depth_cmd.generate_depth(tmp / "images", tmp / f"warm_{label}", model, **kwargs)
+            t0 = time.perf_counter()
+            summary = depth_cmd.generate_depth(tmp / "images", tmp / label, model, **kwargs)
+            rate = n_images / (time.perf_counter() - t0)
+            assert summary.written == n_images and not summary.failed, summary
+            lines.append(f"| {label} | {rate:.1f} |")
+            log(lines[-1])
+        worst, same = compare(tmp / "jax, float32", tmp / f"torch ({device})")
+        lines.append(
+            f"PNGs, JAX float32 vs PyTorch on {device}: at most {worst} grey level(s) apart, "
+            f"{100 * same:.3f}% of pixels identical ({n_images} COCO-sized images)."
+        )
+        worst, same = compare(tmp / "jax, bfloat16", tmp / f"torch ({device})")
+        lines.append(
+            f"PNGs, JAX bfloat16 vs PyTorch on {device}: at most {worst} grey level(s) apart, "
+            f"{100 * same:.3f}% of pixels identical."
+        )
+        return lines
+    finally:
+        shutil.rmtree(tmp)
 
 
 def main() -> None:
