@@ -188,3 +188,58 @@ def test_resize_image_is_pil_bicubic():
     image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     want = np.asarray(Image.fromarray(image).resize((28, 14), Image.BICUBIC))
     np.testing.assert_array_equal(da.resize_image(image, (14, 28)), want)
+
+
+def official_state(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers' Depth Anything names -> DepthAnything/Depth-Anything-V2's, spelt out."""
+    out = {}
+    n_fusion = 1 + max(int(k.split(".")[3]) for k in hf if k.startswith("neck.fusion_stage."))
+    for key, value in hf.items():
+        parts = key.split(".")
+        if key.startswith("backbone.embeddings."):
+            name = {
+                "cls_token": "cls_token",
+                "mask_token": "mask_token",
+                "position_embeddings": "pos_embed",
+            }.get(parts[2], "patch_embed.proj." + parts[-1])
+            out["pretrained." + name] = value
+        elif key.startswith("backbone.encoder.layer."):
+            i, rest = parts[3], ".".join(parts[4:])
+            for hf_name, name in [
+                ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"),
+                ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
+            ]:  # fmt: skip
+                rest = rest.replace(hf_name, name)
+            if any(f"{x}_proj" in rest or f".{y}." in f".{rest}" for x, y in
+                   [("q", "query"), ("k", "key"), ("v", "value")]):  # fmt: skip
+                continue  # merged below
+            out[f"pretrained.blocks.{i}.{rest}"] = value
+        elif key.startswith("backbone.layernorm."):
+            out["pretrained.norm." + parts[-1]] = value
+        elif key.startswith("neck.reassemble_stage.layers."):
+            kind = "projects" if parts[4] == "projection" else "resize_layers"
+            out[f"depth_head.{kind}.{parts[3]}.{parts[-1]}"] = value
+        elif key.startswith("neck.convs."):
+            out[f"depth_head.scratch.layer{int(parts[2]) + 1}_rn.weight"] = value
+        elif key.startswith("neck.fusion_stage.layers."):
+            unit = {"projection": "out_conv", "residual_layer1": "resConfUnit1",
+                    "residual_layer2": "resConfUnit2"}[parts[4]]  # fmt: skip
+            conv = {"convolution1": "conv1.", "convolution2": "conv2."}.get(parts[5], "")
+            j = n_fusion - int(parts[3])
+            out[f"depth_head.scratch.refinenet{j}.{unit}.{conv}{parts[-1]}"] = value
+        elif key.startswith("head.conv"):
+            name = {"1": "output_conv1", "2": "output_conv2.0", "3": "output_conv2.2"}[key[9]]
+            out[f"depth_head.scratch.{name}.{parts[-1]}"] = value
+        else:
+            raise AssertionError(key)
+    layers = {k.split(".")[3] for k in hf if k.startswith("backbone.encoder.layer.")}
+    for i in layers:
+        for kind in ("weight", "bias"):
+            qkv = []
+            for long, short in (("query", "q"), ("key", "k"), ("value", "v")):
+                base = f"backbone.encoder.layer.{i}.attention."
+                qkv.append(
+                    hf.get(f"{base}attention.{long}.{kind}", hf.get(f"{base}{short}_proj.{kind}"))
+                )
+            out[f"pretrained.blocks.{i}.attn.qkv.{kind}"] = np.concatenate(qkv)
+    return out

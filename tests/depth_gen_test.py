@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from depth_anything_test import official_state  # a test module (tests/ is on sys.path)
 from PIL import Image
 
 from depthg_jax.data import depth as depth_cmd
@@ -646,61 +647,6 @@ def test_jax_run_resumes_after_an_interruption(tiny_model_dir, tmp_path):
     assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == sorted(
         depth_io.map_output_path(r) for r in rels
     )
-
-
-def official_state(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """transformers' Depth Anything names -> DepthAnything/Depth-Anything-V2's, spelt out."""
-    out = {}
-    n_fusion = 1 + max(int(k.split(".")[3]) for k in hf if k.startswith("neck.fusion_stage."))
-    for key, value in hf.items():
-        parts = key.split(".")
-        if key.startswith("backbone.embeddings."):
-            name = {
-                "cls_token": "cls_token",
-                "mask_token": "mask_token",
-                "position_embeddings": "pos_embed",
-            }.get(parts[2], "patch_embed.proj." + parts[-1])
-            out["pretrained." + name] = value
-        elif key.startswith("backbone.encoder.layer."):
-            i, rest = parts[3], ".".join(parts[4:])
-            for hf_name, name in [
-                ("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"),
-                ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
-            ]:  # fmt: skip
-                rest = rest.replace(hf_name, name)
-            if any(f"{x}_proj" in rest or f".{y}." in f".{rest}" for x, y in
-                   [("q", "query"), ("k", "key"), ("v", "value")]):  # fmt: skip
-                continue  # merged below
-            out[f"pretrained.blocks.{i}.{rest}"] = value
-        elif key.startswith("backbone.layernorm."):
-            out["pretrained.norm." + parts[-1]] = value
-        elif key.startswith("neck.reassemble_stage.layers."):
-            kind = "projects" if parts[4] == "projection" else "resize_layers"
-            out[f"depth_head.{kind}.{parts[3]}.{parts[-1]}"] = value
-        elif key.startswith("neck.convs."):
-            out[f"depth_head.scratch.layer{int(parts[2]) + 1}_rn.weight"] = value
-        elif key.startswith("neck.fusion_stage.layers."):
-            unit = {"projection": "out_conv", "residual_layer1": "resConfUnit1",
-                    "residual_layer2": "resConfUnit2"}[parts[4]]  # fmt: skip
-            conv = {"convolution1": "conv1.", "convolution2": "conv2."}.get(parts[5], "")
-            j = n_fusion - int(parts[3])
-            out[f"depth_head.scratch.refinenet{j}.{unit}.{conv}{parts[-1]}"] = value
-        elif key.startswith("head.conv"):
-            name = {"1": "output_conv1", "2": "output_conv2.0", "3": "output_conv2.2"}[key[9]]
-            out[f"depth_head.scratch.{name}.{parts[-1]}"] = value
-        else:
-            raise AssertionError(key)
-    layers = {k.split(".")[3] for k in hf if k.startswith("backbone.encoder.layer.")}
-    for i in layers:
-        for kind in ("weight", "bias"):
-            qkv = []
-            for long, short in (("query", "q"), ("key", "k"), ("value", "v")):
-                base = f"backbone.encoder.layer.{i}.attention."
-                qkv.append(
-                    hf.get(f"{base}attention.{long}.{kind}", hf.get(f"{base}{short}_proj.{kind}"))
-                )
-            out[f"pretrained.blocks.{i}.attn.qkv.{kind}"] = np.concatenate(qkv)
-    return out
 
 
 def test_official_pth_converts_to_the_hf_folders_params(tiny_model_dir, tmp_path, capsys):
