@@ -18,7 +18,7 @@ import ml_collections
 
 from depthg_jax.data import datasets, knn
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import vit
+from depthg_jax.models import variants
 
 OBJECTIVES = ("reference", "corrected")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -218,9 +218,10 @@ def release_depth_cast(config: ml_collections.ConfigDict, dataset: str) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Fails early, with the field named, on values the run could only fail on later."""
     _one_of("objective", config.objective, OBJECTIVES)
-    if config.model.variant not in vit.VARIANTS:
+    if config.model.variant not in variants.VARIANTS:
         raise ValueError(
-            f"config.model.variant={config.model.variant!r}; expected one of {sorted(vit.VARIANTS)}"
+            f"config.model.variant={config.model.variant!r}; expected one of "
+            f"{sorted(variants.VARIANTS)}"
         )
     _one_of("model.dtype", config.model.dtype, DTYPES)
     _one_of("model.matmul_precision", config.model.matmul_precision, model_lib.MATMUL_PRECISIONS)
@@ -268,7 +269,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(root):
             raise FileNotFoundError(f"config.data.{root_field}={root!r} is not a directory")
-    patch = vit.patch_size(config.model.variant)
+    patch = variants.patch_size(config.model.variant)
     for field in ("train_res", "eval_res"):
         res = config.data[field]
         if res <= 0 or res % patch:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from depthg_jax.method.image_ops import normalize_images, resize_bilinear
-from depthg_jax.models import backbones, head, vit
+from depthg_jax.models import head, variants, vit
 from depthg_jax.runtime import xla
 
 PARAM_KEYS = ("backbone", "head", "cluster_probe", "linear_probe")
@@ -55,7 +55,7 @@ def precision_scope(name: str):
 def build_model(model_cfg, n_classes: int) -> Model:
     """The modules named by config.model (and the number of classes)."""
     return Model(
-        backbone=backbones.build_backbone(model_cfg.variant, jnp.dtype(model_cfg.dtype)),
+        backbone=vit.build_backbone(model_cfg.variant, jnp.dtype(model_cfg.dtype)),
         head=head.SegmentationHead(dim=model_cfg.dim, dropout=model_cfg.get("dropout", 0.0)),
         cluster_probe=head.ClusterProbe(n_classes=n_classes),
         linear_probe=head.LinearProbe(n_classes=n_classes),
@@ -91,15 +91,15 @@ def init_backbone(model_cfg, key: jax.Array, variant: str | None = None) -> dict
         from depthg_jax.models import convert  # Loading weights pulls in Orbax and safetensors.
 
         return convert.load_backbone(model_cfg.weights, variant)
-    patch = vit.patch_size(variant)
+    patch = variants.patch_size(variant)
     dummy = jnp.zeros((1, 2 * patch, 2 * patch, 3), jnp.float32)
-    return jax.jit(backbones.build_backbone(variant).init)(key, dummy)["params"]
+    return jax.jit(vit.build_backbone(variant).init)(key, dummy)["params"]
 
 
 def init_trainable(model: Model, key: jax.Array) -> dict:
     """Random {"head", "cluster_probe", "linear_probe"} params (PyTorch default inits)."""
     k_head, k_cluster, k_linear = jax.random.split(key, 3)
-    c = vit.embed_dim(model.backbone.variant)
+    c = variants.embed_dim(model.backbone.variant)
     feats = jnp.zeros((1, 2, 2, c), jnp.float32)
     code = jnp.zeros((1, 2, 2, model.head.dim), jnp.float32)
     return {
@@ -122,7 +122,7 @@ def compute_code(
 ) -> jax.Array:
     """uint8 (B, H, W, 3) -> code (B, H/p, W/p, dim), deterministic (no dropout)."""
     with precision_scope(matmul_precision):
-        feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
+        feats = vit.build_backbone(variant, jnp.dtype(dtype)).apply(
             {"params": params["backbone"]}, normalize_images(images)
         )
         return head.SegmentationHead(dim=dim, dropout=0.0).apply(
@@ -202,7 +202,7 @@ def check_params(params: dict, *, variant: str, dim: int, n_classes: int, where:
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise ValueError(f"params{where} miss {missing}; expected keys {list(PARAM_KEYS)}")
-    spec = vit.get_variant(variant)
+    spec = variants.get_variant(variant)
     backbone = params["backbone"]
     found = {
         "backbone width": (backbone["cls_token"].shape[-1], spec.dim),
@@ -229,7 +229,7 @@ def init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: 
 def _init_params(key: jax.Array, *, variant: str, dim: int, n_classes: int, res: int) -> dict:
     k_vit, k_head, k_cluster, k_linear = jax.random.split(key, 4)
     images = jnp.zeros((1, res, res, 3), jnp.float32)
-    feats, bparams = backbones.build_backbone(variant).init_with_output(k_vit, images)
+    feats, bparams = vit.build_backbone(variant).init_with_output(k_vit, images)
     hparams = head.SegmentationHead(dim=dim).init(k_head, feats, deterministic=True)
     code = jnp.zeros(feats.shape[:3] + (dim,), jnp.float32)
     return {
@@ -246,7 +246,7 @@ def backbone_features(model_cfg, *, variant: str | None = None, normalize: bool 
     normalize: the images are uint8 and get the ImageNet normalisation here; False: they
     already have it (the KNN command's batches).
     """
-    backbone = backbones.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
+    backbone = vit.build_backbone(variant or model_cfg.variant, jnp.dtype(model_cfg.dtype))
     precision = model_cfg.get("matmul_precision", "default")
 
     def features(backbone_params, images):

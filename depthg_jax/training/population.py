@@ -32,7 +32,7 @@ from depthg_jax import config as config_lib
 from depthg_jax.evaluation import metrics, reports
 from depthg_jax.method import objective
 from depthg_jax.method.image_ops import normalize_images, resize_bilinear
-from depthg_jax.models import backbones, head
+from depthg_jax.models import head, vit
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import checkpoint, distributed, files, sharding, xla
 from depthg_jax.runtime.metric_writer import MetricWriter
@@ -159,7 +159,7 @@ def make_population_eval_step(
     def step(backbone_params, params, images, labels, valid):
         h, w = images.shape[1:3]
         with model_lib.precision_scope(matmul_precision):
-            feats = backbones.build_backbone(variant, jnp.dtype(dtype)).apply(
+            feats = vit.build_backbone(variant, jnp.dtype(dtype)).apply(
                 {"params": backbone_params}, normalize_images(images)
             )
 
