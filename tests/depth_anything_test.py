@@ -153,6 +153,68 @@ def test_preprocessed_size_by_hand():
     assert da.preprocessed_size(427, 640) == (350, 518)  # width's scale is nearer 1 here
 
 
+def full_parity(model, config, x, official: bool, layers=None):
+    """(relative error, share of the reference above its ReLU) of DepthAnything against
+    transformers on NHWC images x, from the HF or the official layout."""
+    import jax
+
+    state = numpy_state(model)
+    if official:
+        state = official_state(state)
+        spec = convert_da.infer_spec(state, layers=layers)
+        assert spec == convert_da.spec_from_hf_config(config.to_dict())
+    else:
+        spec = convert_da.spec_from_hf_config(config.to_dict())
+    params = convert_da.convert_state_dict(state, spec)
+    got = jax.jit(da.DepthAnything(spec).apply)({"params": params}, x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).predicted_depth.numpy()
+    assert got.shape == want.shape == x.shape[:3]
+    return relative_error(got, want), float((want > 0).mean())
+
+
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("hw", [(42, 70), (28, 28), (56, 42)])
+def test_tiny_model_matches_transformers(hw, official):
+    """v2-mu/14 encoder (2 blocks, width 32; stored grid 2x2, so other sizes resize the
+    position embeddings as transformers does), a 2-stage neck."""
+    config = tiny_config(layers=(1, 2), depth=2, factors=(2, 1))
+    x = np.random.default_rng(hw[0]).standard_normal((2, *hw, 3)).astype(np.float32)
+    err, positive = full_parity(random_model(config), config, x, official, layers=(1, 2))
+    assert positive > 0.5 and err < TOLERANCE, err
+
+
+def test_small_shape_matches_transformers_from_official_names():
+    """Depth Anything V2 Small's shape (v2-S/14, layers 3/6/9/12 by default for width 384,
+    neck 48/96/192/384, fusion 64) at a small input, official names; the full 518x686 input is
+    bench/verify_depth_anything_parity.py's."""
+    backbone = transformers.Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        patch_size=14,
+        image_size=518,
+        out_indices=[3, 6, 9, 12],
+        reshape_hidden_states=False,
+    )
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=384,
+        neck_hidden_sizes=[48, 96, 192, 384],
+        fusion_hidden_size=64,
+        head_hidden_size=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.DepthAnythingForDepthEstimation(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.head.conv3.bias.add_(1.0)
+    x = np.random.default_rng(0).standard_normal((1, 70, 98, 3)).astype(np.float32)
+    err, positive = full_parity(model, config, x, official=True)
+    assert positive > 0.5 and err < TOLERANCE, err
+
+
 def test_official_names_map_to_the_hf_ones():
     model = random_model(tiny_config())
     hf = {k: v for k, v in numpy_state(model).items() if not k.startswith("backbone.")}

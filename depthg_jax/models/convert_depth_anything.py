@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax.models import convert_v2v3, vit
+from depthg_jax.models import convert_v2v3, variants
 from depthg_jax.models.depth_anything import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -198,7 +198,7 @@ def _to_flax(key: str, value: np.ndarray, factors: tuple[float, ...]) -> np.ndar
 
 def expected_neck_and_head(spec: DepthAnythingSpec) -> dict:
     """The abstract {"neck": ..., "head": ...} params (shapes only) of DepthAnything(spec)."""
-    p = vit.patch_size(spec.encoder)
+    p = variants.patch_size(spec.encoder)
     images = jax.ShapeDtypeStruct((1, 4 * p, 4 * p, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: DepthAnything(spec).init(jax.random.key(0), x), images)
     return {k: v for k, v in shapes["params"].items() if k != "backbone"}
@@ -277,7 +277,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def spec_from_hf_config(config: dict) -> DepthAnythingSpec:
     """A Hugging Face ``DepthAnythingConfig`` (config.json as a dict) -> DepthAnythingSpec.
 
-    The encoder is the ``vit.VARIANTS`` DINOv2 of the backbone config's shape; settings the
+    The encoder is the ``variants.VARIANTS`` DINOv2 of the backbone config's shape; settings the
     project's ViT does not implement are refused by name."""
     if config.get("model_type") != "depth_anything":
         raise ValueError(f"model_type {config.get('model_type')!r} is not 'depth_anything'")
@@ -304,16 +304,16 @@ def spec_from_hf_config(config: dict) -> DepthAnythingSpec:
     variant = next(
         (
             name
-            for name, s in vit.VARIANTS.items()
-            if (s.family, s.registers, s.dim, s.depth, s.heads, s.patch, s.swiglu)
-            == ("v2", 0, dim, depth, heads, patch, swiglu)
-            and (swiglu or vit.mlp_hidden(name) == hidden)
+            for name, s in variants.VARIANTS.items()
+            if (s.family, s.registers, s.dim, s.depth, s.heads, s.patch, s.swiglu, s.qkv_bias)
+            == ("v2", 0, dim, depth, heads, patch, swiglu, True)
+            and (swiglu or s.mlp_hidden == hidden)
         ),
         None,
     )
     if variant is None:
         raise ValueError(
-            f"no DINOv2 variant in vit.VARIANTS with width {dim}, {depth} blocks, {heads} "
+            f"no DINOv2 variant in variants.VARIANTS with width {dim}, {depth} blocks, {heads} "
             f"heads, patch {patch}, MLP {hidden}"
         )
     layers = bb.get("out_indices")

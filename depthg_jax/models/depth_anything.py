@@ -5,10 +5,11 @@ DepthAnything/Depth-Anything-V2's ``DepthAnythingV2``), with parameter names mir
 Hugging Face checkpoints (``neck.reassemble_stage.layers.0.projection`` ->
 ``neck/reassemble_stage/layers_0/projection``):
 
-1. the encoder: the DINOv2 ViT of ``models/`` (``backbones.build_backbone``), whose tokens after
-   the final LayerNorm are taken at four blocks (1-based; Small and Base 3, 6, 9, 12, Large 5,
-   12, 18, 24); its position embeddings are resized as transformers' ``Dinov2Model`` does
-   (bicubic to an output size), so the preprocessed grid need not be square;
+1. the encoder: the project's DINOv2 ViT (``vit.build_backbone``, ``ViT.intermediate_tokens``),
+   whose tokens after the final LayerNorm are taken at four blocks (1-based; Small and Base 3,
+   6, 9, 12, Large 5, 12, 18, 24); its position embeddings are resized as transformers'
+   ``Dinov2Model`` does (``pos_interpolation="transformers"``: bicubic to an output size; the
+   official repository's DINOv2 copy resizes by a scale factor, ``"official"``);
 2. the neck: each block's patch tokens as a (h, w) map, a 1x1 projection to
    ``neck_hidden_sizes[i]`` and a resize by ``reassemble_factors[i]`` (4 and 2: a transposed
    convolution with kernel = stride, 1: none, 0.5: a 3x3 stride-2 convolution); a 3x3
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from depthg_jax.models import vit
+from depthg_jax.models import variants, vit
 
 # ImageNet statistics, as the Depth Anything processors normalise.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +54,7 @@ PIL_BICUBIC = 3
 class DepthAnythingSpec(NamedTuple):
     """Shape of one Depth Anything model: its encoder and its DPT neck and head."""
 
-    encoder: str  # a DINOv2 name of vit.VARIANTS
+    encoder: str  # a DINOv2 name of variants.VARIANTS
     layers: tuple[int, ...]  # 1-based blocks whose normed tokens feed the neck
     neck_hidden_sizes: tuple[int, ...]
     fusion_hidden_size: int
@@ -78,9 +79,11 @@ HUB_NAMES = {
 
 def check_spec(spec: DepthAnythingSpec) -> None:
     """Raises ValueError for a spec the modules cannot build."""
-    enc = vit.get_variant(spec.encoder)
-    if enc.family != "v2":
-        raise ValueError(f"Depth Anything needs a DINOv2 encoder, got {spec.encoder!r}")
+    enc = variants.get_variant(spec.encoder)
+    if enc.family != "v2" or enc.registers:
+        raise ValueError(
+            f"Depth Anything needs a DINOv2 encoder (no registers), got {spec.encoder!r}"
+        )
     n = len(spec.neck_hidden_sizes)
     if n == 0 or len(spec.layers) != n or len(spec.reassemble_factors) != n:
         raise ValueError(
@@ -376,16 +379,20 @@ class DepthAnything(nn.Module):
     Attributes:
       spec: the model's shape (``VARIANTS`` or one read from a checkpoint's config).
       dtype: compute dtype (bfloat16 on accelerators); parameters are float32.
+      pos_interpolation: the encoder's position-embedding resize: "transformers" (what
+        ``DepthAnythingForDepthEstimation`` does, the default) or "official" (the
+        Depth-Anything-V2 repository's DINOv2: scale factor (g + 0.1) / 37).
     """
 
     spec: DepthAnythingSpec
     dtype: jnp.dtype = jnp.float32
+    pos_interpolation: str = "transformers"
 
     def setup(self):
-        from depthg_jax.models.backbones import build_backbone
-
         check_spec(self.spec)
-        self.backbone = build_backbone(self.spec.encoder, self.dtype)
+        self.backbone = vit.build_backbone(self.spec.encoder, self.dtype).clone(
+            pos_interpolation=self.pos_interpolation
+        )
         self.neck = DepthAnythingNeck(
             tuple(self.spec.neck_hidden_sizes),
             tuple(self.spec.reassemble_factors),
@@ -395,13 +402,13 @@ class DepthAnything(nn.Module):
         self.head = DepthAnythingHead(
             self.spec.fusion_hidden_size,
             self.spec.head_hidden_size,
-            vit.patch_size(self.spec.encoder),
+            variants.patch_size(self.spec.encoder),
             self.spec.depth_type,
             self.spec.max_depth,
             self.dtype,
         )
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        grid = vit.check_images(images, vit.patch_size(self.spec.encoder))
+        grid = vit.check_images(images, variants.patch_size(self.spec.encoder))
         tokens = self.backbone.intermediate_tokens(images, layers=tuple(self.spec.layers))
         return self.head(self.neck(tokens, grid)[-1], grid)
