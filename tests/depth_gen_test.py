@@ -599,9 +599,10 @@ def test_flip_tta_changes_the_jax_map(tiny_model_dir, tmp_path):
     assert worst > 8  # the random model is not mirror-symmetric
 
 
-def test_one_compile_per_preprocessed_shape(tiny_model_dir, tmp_path, capsys):
+def test_one_compile_per_preprocessed_shape(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Images of 5 sizes in 4 preprocessed shapes (33x33 and 32x32 both become 56x56): one
-    program per shape, however many images share it (partial batches are padded)."""
+    program per shape, however many images share it (partial batches are padded), and the
+    images run in shape order, so only each shape's last batch is partial."""
     write_directory_dataset(tmp_path, n_extra=3)  # three more 32x32 images
     jm = depth_cmd.load_jax_model(str(tiny_model_dir))
     pre = jm.preprocess
@@ -613,10 +614,25 @@ def test_one_compile_per_preprocessed_shape(tiny_model_dir, tmp_path, capsys):
     depth_cmd._jax_forward.cache_clear()  # a fresh jitted forward: count its programs
     forward = depth_cmd.JaxPredictor(jm, 3, "float32", False).forward  # the run's (cached)
     before = forward._cache_size()
+    batches = []
+    submit = depth_cmd.JaxPredictor.submit
+    monkeypatch.setattr(
+        depth_cmd.JaxPredictor,
+        "submit",
+        lambda self, items: (
+            batches.append([it.pixel_values.shape for it in items]) or submit(self, items)
+        ),
+    )
     summary = depth_cmd.generate_depth(
         tmp_path / "images", tmp_path / "depth", jm, batch_size=3, progress=False
     )
     assert summary.written == len(SIZES) + 3
+    counts = {}
+    for h, w in SIZES + [(32, 32)] * 3:
+        key = da.preprocessed_size(h, w, pre["size"], pre["multiple"], pre["keep_aspect_ratio"])
+        counts[key] = counts.get(key, 0) + 1
+    assert len(batches) == sum(-(-n // 3) for n in counts.values())  # one partial per shape
+    assert all(len(set(b)) == 1 for b in batches)
     assert f"{len(shapes)} input shape(s), one compiled program each" in capsys.readouterr().err
     assert forward._cache_size() - before == len(shapes)
 

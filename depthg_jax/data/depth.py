@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 from absl import flags
+from PIL import Image
 from tqdm import tqdm
 
 from depthg_jax import commands
@@ -569,14 +570,30 @@ class JaxPredictor:
         )
         self.shapes: set[tuple[int, int]] = set()
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
+    def preprocessed_size(self, height: int, width: int) -> tuple[int, int]:
         from depthg_jax.models import depth_anything as da
 
         pre = self.jm.preprocess
-        size = da.preprocessed_size(
-            *image.shape[:2], pre["size"], pre["multiple"], pre["keep_aspect_ratio"]
+        return da.preprocessed_size(
+            height, width, pre["size"], pre["multiple"], pre["keep_aspect_ratio"]
         )
-        return da.resize_image(image, size, pre["resample"])
+
+    def input_shape(self, path: Path) -> tuple[int, int]:
+        """The preprocessed (h, w) of an image file, from its header where PIL reads one;
+        (0, 0) if unreadable (it fails, and is reported, when read)."""
+        try:
+            if path.suffix.lower() == ".mat":
+                return self.preprocessed_size(*images_lib.read_image(path).shape[:2])
+            with Image.open(path) as image:
+                return self.preprocessed_size(image.height, image.width)
+        except Exception:  # noqa: BLE001 - reported by _prepare
+            return (0, 0)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        from depthg_jax.models import depth_anything as da
+
+        size = self.preprocessed_size(*image.shape[:2])
+        return da.resize_image(image, size, self.jm.preprocess["resample"])
 
     def submit(self, items: Sequence[_Item]) -> Any:
         import jax
@@ -743,19 +760,29 @@ def generate_depth(
         bar.update(1)
 
     # Group by preprocessed shape (images of other aspect ratios cannot share a batch) and
-    # bound what waits in memory: past `window` images pending, the fullest group runs.
+    # bound what waits in memory: past `window` images pending, the fullest group runs. The
+    # JAX path first orders the images by their preprocessed shape (from the files' headers),
+    # so each shape's batches run together: full batches but one per shape, and a group is
+    # done as soon as the next shape starts.
     window = 2 * batch_size if backend == "torch" else max(8 * batch_size, 64)
     groups: dict[tuple[int, ...], list[_Item]] = {}
     workers = max(1, min(4, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="depth-read")
     writer_pool = ThreadPoolExecutor(max_workers=max(writers, 1), thread_name_prefix="depth-write")
     try:
+        if isinstance(predictor, JaxPredictor):
+            shapes = list(pool.map(lambda it: predictor.input_shape(images_dir / it.rel), todo))
+            order = sorted(range(len(todo)), key=lambda i: (shapes[i], str(todo[i].rel)))
+            todo = [todo[i] for i in order]
         prepare = lambda item: _prepare(item, images_dir, predictor.preprocess)
         for item in _prefetch(todo, prepare, pool, depth=max(2 * batch_size, 8)):
             if item.error is not None:
                 record(item)
                 continue
             key = tuple(item.pixel_values.shape)
+            if isinstance(predictor, JaxPredictor):  # in shape order: other groups are done
+                for done_key in [k for k in groups if k != key]:
+                    finish(groups.pop(done_key))
             group = groups.setdefault(key, [])
             group.append(item)
             if len(group) >= batch_size:
