@@ -237,6 +237,13 @@ def run(tmp: Path, args: argparse.Namespace, width: int, height: int) -> None:
         "jax": depth_cmd.load_jax_model(str(tmp / "model")),
         "torch": depth_cmd.load_depth_model(str(tmp / "model"), "cpu"),
     }
+    predictor = depth_cmd.JaxPredictor(models["jax"], args.batch, "float32", False)
+    shape = (predictor.batch, *predictor.preprocessed_size(height, width), 3)
+    t0 = time.perf_counter()
+    predictor.forward.lower(
+        predictor.params, jax.ShapeDtypeStruct(shape, np.uint8, sharding=predictor.batch_sharding)
+    ).compile()
+    print(f"jax: compiling the forward for {shape} took {time.perf_counter() - t0:.1f} s")
     for name, model in models.items():  # warm-up: compile / first forward
         wall, _ = timed(tmp, model, f"warm_{name}", args.batch, args.images)
         print(f"{name} warm-up (compile / first forward included): {wall:.1f} s", flush=True)
