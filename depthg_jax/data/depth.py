@@ -2,7 +2,8 @@
 
 Usage
 -----
-Install the optional extra once (transformers + torch; the rest of depthg-jax does not need it):
+Install the optional extra once (transformers + torch for the PyTorch path, huggingface_hub for
+hub downloads; the rest of depthg-jax does not need it):
 
     pip install -e '.[depth]'
 
@@ -16,7 +17,7 @@ with its input padding and flip test-time augmentation, min-max normalised per i
         --model=Intel/zoedepth-nyu --flip_tta
 
 Without those two flags the command runs Depth Anything V2 Small, much faster, as the
-alternative (its maps differ from the released ones):
+alternative (its maps differ from the released ones), on the JAX path (below):
 
     # `directory` layout: <root>/images/<split>/<id>.png -> <root>/depth/<split>/<id>_zoedepth.png
     python -m depthg_jax.data.depth --images=ROOT/images --out=ROOT/depth
@@ -31,11 +32,26 @@ Flags: `--model` a Hugging Face hub name (needs network the first time, then cac
 local directory written by `save_pretrained` / `hf download NAME --local-dir DIR`; default
 Depth Anything V2 Small; `Intel/zoedepth-nyu` for the release's maps. Any transformers
 depth-estimation model works (Depth Anything, DPT/MiDaS, ZoeDepth, GLPN, Depth Pro).
+`--backend` auto (default: JAX for Depth Anything, PyTorch for the rest), jax or torch.
 `--flip_tta` also runs each image mirrored left-right and averages the prediction with the
 mirrored-back prediction of the mirrored image (ZoeDepth's `infer(with_flip_aug=True)`).
-`--batch_size` images per forward pass (default 8).
+`--batch_size` images per forward pass (default 8; per host with JAX).
 `--format` png8 (default, what DepthG trains on), png16 or npy. `--device` auto (GPU if
-present), cpu or cuda. `--nearest_is` overrides which end of the model's output is near.
+present), cpu or cuda (PyTorch). `--dtype` float32 (full matmul precision) or bfloat16 (JAX).
+`--nearest_is` overrides which end of the model's output is near. `--help` lists them all.
+
+The JAX path (`--backend=jax`): Depth Anything V2 in flax (models/depth_anything.py) from a
+`save_pretrained` / `-hf` folder, a hub name, or an official `depth_anything_v2_vit*.pth`
+(read without torch). Preprocessing is transformers' DPT processor's (PIL resize keeping the
+aspect ratio to multiples of 14, bit-exact normalisation), done on the host in reader threads;
+the jitted forward (normalise, model, optional flip average) runs once per preprocessed shape,
+the batch padded to a fixed size and split over this host's devices; the upsampling to the
+image size (PyTorch's bicubic, as the processor's post-processing) and the PNG writes run in
+writer threads. Images are ordered by preprocessed shape (read from their headers), so each
+shape compiles once and only its last batch is partial. With several processes
+(`--coordinator_address/--num_processes/--process_id`, or `--distributed` on TPU/SLURM) every
+process lists the same images (checked), takes every n-th one of the sorted list, and writes
+only those: hosts never wait on each other, and a rerun resumes each share.
 
 Output files (see `depth_io`): png8 `<id>_zoedepth.png`, uint8, per-image min-max normalised,
 floor(x·255), 0 = nearest; png16 `<id>_zoedepth_16.png`, the same ×65535; npy `<id>_depth.npy`,
