@@ -50,7 +50,7 @@ from depthg_jax.evaluation import crf as crf_lib
 from depthg_jax.evaluation import evaluator
 from depthg_jax.models import model as model_lib
 from depthg_jax.models import vit
-from depthg_jax.runtime import checkpoint, integrity, xla
+from depthg_jax.runtime import checkpoint, xla
 
 # PIL's EXIF orientation (tag 0x0112) -> the numpy operation that shows the image upright.
 EXIF_ORIENTATION_TAG = 0x0112
@@ -291,16 +291,8 @@ class Segmenter:
         average with the flipped image's code. The export's files are verified against its
         MANIFEST.json; one without a manifest is refused unless `unverified=True`.
         """
-        path = os.path.abspath(export_dir)
-        if os.path.isfile(os.path.join(path, "config.json")) and not integrity.has_manifest(path):
-            if not unverified:
-                raise InputError(
-                    f"checkpoint {export_dir} has no {integrity.MANIFEST}, so its files cannot be "
-                    "verified; re-export it (python -m depthg_jax.export), or load it anyway with "
-                    "unverified=True (segment: --unverified)"
-                )
         try:
-            config, params = checkpoint.load_export(path)
+            config, params = checkpoint.load_export(export_dir, unverified=unverified)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"checkpoint {export_dir}: {e}") from e
         return cls(config, params, probe=probe, crf=crf, res=res, batch_size=batch_size, flip=flip)
