@@ -35,6 +35,7 @@ CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
 SAMPLINGS = ("fps", "random")
 BEST_METRICS = ("val/cluster_miou", "val/cluster_accuracy")
+VALIDATIONS = ("auto", "labels", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +243,14 @@ FIELDS: dict[str, Field] = {
         'objective="reference" an interval above a quarter of an epoch validates at each '
         "epoch's end instead, as the release does.",
         low=0,
+    ),
+    "train.validate": _resumable(
+        "auto",
+        'In-training validation: "labels" (scores on the labelled evaluation split, picks '
+        'export_best/), "none" (label-free monitoring: held-out losses, cluster usage, '
+        'picture grids; no export_best/), "auto" ("labels" when the evaluation split has '
+        'labelled pixels, else "none"). README, section Your own images.',
+        choices=VALIDATIONS,
     ),
     "train.best_metric": _resumable(
         "val/cluster_miou",

@@ -228,7 +228,7 @@ class Job:
         return frames
 
 
-def segment(
+def segment_folder(
     checkpoint_dir: str,
     images: str,
     out_dir: str,
@@ -336,7 +336,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 def run(fv: flags.FlagValues = FLAGS) -> int:
     """Segments as the flags say; returns the exit status (2: bad input, 1: unreadable images)."""
     try:
-        written, errors = segment(
+        written, errors = segment_folder(
             fv.checkpoint,
             fv.images,
             fv.out,
