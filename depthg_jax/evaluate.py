@@ -91,7 +91,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     where = f"the evaluation split {eval_data.eval_split!r} of {eval_data.name} at " + (
         eval_data.root or eval_data.data_dir
     )
-    scan = label_check.check_labels(source, config.data.n_classes)
+    scan = label_check.scan_split(source, config.data.n_classes)
     label_check.require_usable(scan, where, "Remove those label files to evaluate without labels.")
     seg = inference.Segmenter(
         config, loaded.params, crf=config.eval.crf, res=config.data.eval_res,

@@ -115,7 +115,7 @@ def test_the_scan_counts_labelled_and_ignore_only_files(tmp_path):
     source = datasets.ExampleSource(
         records, n_classes=3, label_lut=datasets.identity_lut(3), name="toy:val"
     )
-    scan = label_check.check_labels(source)
+    scan = label_check.scan_split(source, 3)
     assert scan == {
         "total": 3, "labelled": 2, "all_ignore": 1, "all_ignore_files": [str(tmp_path / "c.png")],
         "usable": 1, "class_pixels": [1, 0, 2],
@@ -216,7 +216,7 @@ def test_unlabelled_photos_five_crop_knn_train_export_segment_evaluate(tmp_path)
     photos = make_photos(tmp_path / "photos", n_train=4, n_val=8, size=128, labelled=None)
     crops, work = tmp_path / "crops", tmp_path / "run"
     run_cli("depthg_jax.data.five_crop", ["--dataset=directory", f"--root={photos}",
-            "--split=train", f"--out={crops}", f"--n_classes={N}"], check=True)  # fmt: skip
+            "--split=train", f"--out={crops}"], check=True)  # fmt: skip
     flags = recipe_flags(photos, crops, work)
     run_cli("depthg_jax.data.knn", [f for f in flags if not f.startswith("--workdir")],
             check=True)  # fmt: skip

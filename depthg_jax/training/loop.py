@@ -75,7 +75,7 @@ def plan_validation(config: ml_collections.ConfigDict) -> ValidationPlan:
     if setting == "none":
         plan = ValidationPlan(LABEL_FREE, f"Validation: none (train.validate='none'): {free}")
     else:
-        scan = label_check.check_labels(source, data.n_classes)
+        scan = label_check.scan_split(source, data.n_classes)
         label_check.require_usable(
             scan,
             name,
