@@ -293,7 +293,7 @@ def test_wrong_module_or_option_raises():
     x = jnp.zeros((1, 28, 28, 3))
     with pytest.raises(ValueError, match="'v3-mu/16' is a v3 variant"):
         Dinov2ViT("v3-mu/16").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="build it with backbones.build_backbone"):
+    with pytest.raises(ValueError, match="build it with vit.build_backbone"):
         from depthg_jax.models.vit import DinoViT
 
         DinoViT("v2-mu/14").init(jax.random.key(0), x)

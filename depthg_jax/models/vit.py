@@ -513,7 +513,7 @@ class ViT(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} runs {FAMILY_NAMES[self.family]} variants; "
                 f"{self.variant!r} is a {spec.family} variant: use ViT({self.variant!r}), or "
-                "build it with backbones.build_backbone's successor, vit.build_backbone"
+                "build it with vit.build_backbone"
             )
         if self.pos_interpolation not in POS_INTERPOLATIONS:
             raise ValueError(
