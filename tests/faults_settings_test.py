@@ -68,6 +68,7 @@ def make_export(path):
     return path
 
 
+@pytest.mark.slow
 def test_an_export_without_its_manifest_is_refused_unless_unverified(tmp_path):
     export = make_export(tmp_path / "exp")
     os.remove(export / integrity.MANIFEST)
@@ -84,6 +85,7 @@ def test_an_export_without_its_manifest_is_refused_unless_unverified(tmp_path):
     assert set(params) == set(model_lib.PARAM_KEYS)
 
 
+@pytest.mark.slow
 def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
