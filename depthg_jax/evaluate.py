@@ -15,7 +15,6 @@ or label files that are all ignore, are errors naming the files. Then:
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import jax
@@ -76,7 +75,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     """
     out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
     if jax.process_index() == 0:
-        check_writable(out_dir)  # before minutes of evaluation, not after
+        files.check_writable(out_dir)  # before minutes of evaluation, not after
     loaded = inference.Segmenter.load(checkpoint_dir)
     config, selection = loaded.config, checkpoint.load_selection(checkpoint_dir)
     if config_override is not None:
@@ -195,16 +194,6 @@ def evaluate_without_labels(seg: inference.Segmenter, source, out_dir: str, max_
         "sheet": reports.make_sheet(rows) if rows else None,
     }
     return results, paths
-
-
-def check_writable(out_dir: str) -> None:
-    """Creates out_dir and writes a probe file there; OSError naming the folder otherwise."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, f"--out={out_dir} is not writable ({e.strerror})") from e
 
 
 def main(argv):

@@ -49,7 +49,7 @@ from depthg_jax.data import palette
 from depthg_jax.evaluation import crf as crf_lib
 from depthg_jax.evaluation import evaluator
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import vit
+from depthg_jax.models import variants
 from depthg_jax.runtime import checkpoint, xla
 
 # PIL's EXIF orientation (tag 0x0112) -> the numpy operation that shows the image upright.
@@ -256,7 +256,7 @@ class Segmenter:
         self.config, self.params = config, params
         self.spec = model_lib.ModelSpec.from_config(config)
         self.n_classes = self.spec.n_classes
-        patch = vit.patch_size(self.spec.variant)
+        patch = variants.patch_size(self.spec.variant)
         res = int(config.data.eval_res if res is None else res)
         if res <= 0 or res % patch:
             raise InputError(
