@@ -282,10 +282,11 @@ def start_run(
 
     spec = model_lib.ModelSpec.from_config(config)
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
-    backbone_params = model_lib.init_backbone(config.model, k_backbone)
     setup_data.prepare_data(config)
-    plan = plan_validation(config)
-    print(plan.message, flush=True)
+    plan = plan_validation(config)  # the evaluation labels, read before any model work
+    if jax.process_index() == 0:
+        print(plan.message, flush=True)
+    backbone_params = model_lib.init_backbone(config.model, k_backbone)
     write_config(config, workdir)
     backbone_params = sharding.replicate(backbone_params, mesh)
 
