@@ -5,6 +5,7 @@ labels, and with 2 of 8 evaluation images labelled)."""
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -170,7 +171,27 @@ def test_usage_summary_and_the_histogram_row(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows == [{"step": 3, "monitor/cluster_usage": [30, 0, 10, 0]}]
-    assert os.listdir(tmp_path / "tensorboard")
+    histograms = [
+        (event.step, value.histo)
+        for event in read_events(tmp_path / "tensorboard")
+        for value in event.summary.value
+        if value.tag == "monitor/cluster_usage"
+    ]
+    assert len(histograms) == 1 and histograms[0][0] == 3
+    histo = histograms[0][1]
+    assert list(histo.bucket) == [30, 0, 10, 0] and histo.num == 40 and histo.max == 2
+
+
+def read_events(folder):
+    """The events of every TensorBoard file in a folder (TFRecord framing, no TensorFlow)."""
+    from tensorboardX.proto import event_pb2
+
+    for path in sorted(folder.iterdir()):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            yield event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
 
 
 def test_the_custom_config_loads_from_any_directory_without_jax(tmp_path):
