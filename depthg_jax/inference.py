@@ -47,7 +47,6 @@ from PIL import Image, ImageOps
 from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
 from depthg_jax.evaluation import crf as crf_lib
-from depthg_jax.evaluation import evaluator
 from depthg_jax.models import model as model_lib
 from depthg_jax.models import variants
 from depthg_jax.runtime import checkpoint, xla
@@ -302,10 +301,6 @@ class Segmenter:
         """The training data's class names (generic ones for clusters of unlabelled data)."""
         return palette.class_names(self.config.data.name, self.n_classes)
 
-    def predict_fn(self):
-        """The batched predict function `evaluation.evaluator.Evaluator` scores (no CRF)."""
-        return evaluator.head_predictor(self.spec, flip=self.flip)
-
     def predict(self, images):
         """Segments images: one (a path, a PIL image, an array) -> a `Prediction`; a list (or a
         (B, H, W, 3) uint8 array) -> a list of them, in order. Any size; see the module doc."""
@@ -328,7 +323,7 @@ class Segmenter:
         CRF); 0 leaves each image on its own.
         """
         if not 0.0 <= smoothing < 1.0:
-            raise InputError(f"--smooth={smoothing} must be in [0, 1)")
+            raise InputError(f"smoothing (segment --smooth) = {smoothing} must be in [0, 1)")
         previous = None
         batch: list[np.ndarray] = []
         for image in images:
