@@ -253,6 +253,15 @@ def test_unlabelled_photos_five_crop_knn_train_export_segment_evaluate(tmp_path)
     assert all(np.isfinite(v) for r in monitored for v in r.values())
     assert any(len(r.get("monitor/cluster_usage", [])) == N for r in rows)
     assert any(r.get("loss_linear") == 0.0 for r in rows)  # nothing to learn from
+    from depthg_jax.runtime import checkpoint, seeds
+
+    config, params = checkpoint.load_export(str(work / "export"))
+    initial = model_lib.init_trainable(
+        model_lib.ModelSpec.from_config(config), seeds.run_keys(config.seed)[1]
+    )
+    jax.tree.map(np.testing.assert_array_equal, params["linear_probe"], initial["linear_probe"])
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params["head"], initial["head"])
+    assert any(jax.tree.leaves(changed))  # the head trained; the linear probe kept its init
     grid = Image.open(work / "images" / "step_000004.png")
     assert grid.size[0] == 3 * 64 + 4 * 2  # image | depth | clusters: no label column
 
