@@ -106,6 +106,35 @@ def test_all_ignore_labels_and_ids_beyond_the_classes_are_named_before_any_work(
         evaluate.run(str(export), out_dir=str(tmp_path / "eval"))
 
 
+def test_evaluate_without_labels_writes_maps_usage_and_a_sheet_and_says_why(tmp_path):
+    from depthg_jax.runtime import checkpoint
+
+    root = make_photos(tmp_path / "photos", n_train=1, n_val=5, size=48, labelled=None)
+    (root / "depth").rename(tmp_path / "no_depth")  # evaluating needs the images only
+    config = config_lib.resolve(photos_config(root, **{"eval.crf": True}), tmp_path / "w")
+    spec = model_lib.ModelSpec.from_config(config)
+    export = str(tmp_path / "export")
+    checkpoint.save_export(export, config, model_lib.init_params(spec, jax.random.key(0)))
+    results, names, paths, _ = evaluate.run(export, out_dir=str(tmp_path / "eval"))
+    assert "cluster" not in results and results["num_images"] == 5
+    for key in ("cluster", "cluster_crf"):  # before and after the CRF: every crop pixel
+        assert results["usage"][key].sum() == 5 * 32 * 32
+    said = evaluate.describe(results, names)
+    assert said.startswith("No scores are possible: the evaluation split 'val' of directory")
+    assert "Cluster usage after the CRF" in said and "of 6 clusters used" in said
+    maps = sorted(os.listdir(paths["cluster_maps"]))
+    assert maps == [f"{i:06d}.png" for i in range(5)]
+    written = [np.asarray(Image.open(os.path.join(paths["cluster_maps"], m))) for m in maps]
+    crf_ids = sum(np.bincount(ids.ravel(), minlength=N) for ids in written)
+    np.testing.assert_array_equal(crf_ids, results["usage"]["cluster_crf"])
+    report = json.loads(open(paths["results"]).read())
+    assert (report["kind"], report["labels"], report["num_labelled_images"]) == (
+        "evaluation report", "none", 0,
+    )  # fmt: skip
+    assert report["usage"]["cluster_crf"]["pixels"] == results["usage"]["cluster_crf"].tolist()
+    assert Image.open(paths["sheet"]).size[0] > 4 * 2 * 32 and os.path.isfile(paths["usage"])
+
+
 def test_the_scan_counts_labelled_and_ignore_only_files(tmp_path):
     Image.fromarray(np.array([[0, 2], [255, 2]], np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((2, 2), 255, np.uint8)).save(tmp_path / "c.png")
