@@ -4,13 +4,16 @@ EXIF orientation as PIL applies it, the docstring's example, and clear input err
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
-from cli import run_in_process
+from cli import REPO, run_in_process
 from PIL import Image, ImageOps
 from segment_test import N_CLASSES, make_export
 
@@ -155,3 +158,15 @@ def test_assignment_files_say_what_they_hold(tmp_path):
     unscored = write("u.json", {"kind": "evaluation report", "labels": "none"})
     with pytest.raises(inference.InputError, match="no labelled images were scored"):
         inference.load_assignment(unscored, 3)
+
+
+def test_importing_the_api_starts_no_jax_backend():
+    # A notebook may call jax.distributed.initialize() after importing it.
+    check = (
+        "import depthg_jax.inference\n"
+        "from jax._src import xla_bridge\n"
+        "print(sorted(xla_bridge._backends))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
