@@ -79,52 +79,54 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.verify:
-        print(verify(FLAGS.verify))
-        return
-    portable = FLAGS.format == "portable"
-    if not portable and (FLAGS.res is not None or not FLAGS.flip):
+def run(fv: flags.FlagValues = FLAGS) -> int:
+    """Exports (or verifies) as the flags say; returns the exit status."""
+    if fv.verify:
+        print(verify(fv.verify))
+        return 0
+    portable = fv.format == "portable"
+    if not portable and (fv.res is not None or not fv.flip):
         raise app.UsageError("--res and --noflip apply to --format=portable only")
-    if FLAGS.export:
+    from depthg_jax.training import exports
+
+    if fv.export:
         if not portable:
             raise app.UsageError("--export=DIR is already an export: add --format=portable")
-        if FLAGS.workdir or FLAGS.step is not None or FLAGS.best or FLAGS.member:
+        if fv.workdir or fv.step is not None or fv.best or fv.member:
             raise app.UsageError(
                 "--export=DIR converts that export: --workdir, --step, --best and --member "
                 "pick a checkpoint of a run instead; give one or the other"
             )
-        if not FLAGS.out:
+        if not fv.out:
             raise app.UsageError("--out is required")
-        from depthg_jax.training import exports
-
-        sidecar = exports.portable_from_export(
-            FLAGS.export, FLAGS.out, res=FLAGS.res, flip=FLAGS.flip
-        )
-        print(_portable_line(FLAGS.export, sidecar))
-        return
-    if not FLAGS.workdir or not FLAGS.out:
+        sidecar = exports.portable_from_export(fv.export, fv.out, res=fv.res, flip=fv.flip)
+        print(_portable_line(fv.export, fv.out, sidecar))
+        return 0
+    if not fv.workdir or not fv.out:
         raise app.UsageError("--workdir and --out are required (or --verify=DIR)")
-    if FLAGS.step is not None and FLAGS.best:
+    if fv.step is not None and fv.best:
         raise app.UsageError("--step and --best pick the checkpoint two ways: give one")
-    from depthg_jax.training import exports
-
     selection = exports.export_run(
-        FLAGS.workdir, FLAGS.out, step=FLAGS.step, best=FLAGS.best, member=FLAGS.member,
-        format=FLAGS.format, res=FLAGS.res, flip=FLAGS.flip,
+        fv.workdir, fv.out, step=fv.step, best=fv.best, member=fv.member,
+        format=fv.format, res=fv.res, flip=fv.flip,
     )  # fmt: skip
     member = f" (member {selection['member']})" if "member" in selection else ""
     what = "a portable artifact" if portable else "an export"
-    print(f"Exported step {selection['step']}{member} of {FLAGS.workdir} as {what} to {FLAGS.out}")
+    print(f"Exported step {selection['step']}{member} of {fv.workdir} as {what} to {fv.out}")
+    return 0
 
 
-def _portable_line(source: str, sidecar: dict) -> str:
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    run(FLAGS)
+
+
+def _portable_line(source: str, out: str, sidecar: dict) -> str:
     res, flip = sidecar["resolution"], " with flip" if sidecar["flip"] else ""
     platforms = ", ".join(sidecar["platforms"])
     return (
-        f"Wrote the portable artifact of {source} to {FLAGS.out}: {res} x {res} px{flip}, "
+        f"Wrote the portable artifact of {source} to {out}: {res} x {res} px{flip}, "
         f"for {platforms}"
     )
 

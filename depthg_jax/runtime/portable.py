@@ -179,12 +179,15 @@ def verify_portable(path: str) -> dict:
     """Checks an artifact's files against its manifest (IntegrityError naming the file) and
     its sidecar's format; returns the sidecar."""
     path = os.path.abspath(path)
+    not_portable = FileNotFoundError(
+        f"{path} is not a portable artifact (no {SIDECAR}); write one with "
+        "`python -m depthg_jax.export --format=portable`"
+    )
+    if not integrity.has_manifest(path) and not is_portable(path):
+        raise not_portable
+    integrity.verify_manifest(path)  # names a damaged or missing file, or a missing manifest
     if not is_portable(path):
-        raise FileNotFoundError(
-            f"{path} is not a portable artifact (no {SIDECAR}); write one with "
-            "`python -m depthg_jax.export --format=portable`"
-        )
-    integrity.verify_manifest(path)
+        raise not_portable
     with open(os.path.join(path, SIDECAR)) as f:
         sidecar = json.load(f)
     if sidecar.get("format") != FORMAT or sidecar.get("version") != VERSION:

@@ -55,7 +55,9 @@ class RunLayout:
         )
 
     def abstract_state(self) -> step_lib.TrainState:
-        """The shapes a checkpoint of this run holds (nothing allocated)."""
+        """The shapes a checkpoint of this run holds (nothing allocated), placed on one local
+        device: a run saved on any number of devices restores here (an export reads it on
+        one host, whatever the training topology was)."""
         spec = model_lib.ModelSpec.from_config(self.config)
         hp = objective_lib.hparams(self.config)
         key = seeds.run_keys(self.config.seed)[1]
@@ -65,7 +67,11 @@ class RunLayout:
             )
         else:
             make = lambda: step_lib.create_train_state(spec, hp, key)  # noqa: E731
-        return jax.eval_shape(make)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(make),
+        )
 
 
 def read_layout(workdir: str) -> RunLayout:
