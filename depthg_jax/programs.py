@@ -255,12 +255,13 @@ class Entry:
     build: Callable[[Shapes], Lowerable]
 
 
+_STEP = "depthg_jax.training.step:jit_program.program"
 _EVAL_STEP = "depthg_jax.evaluation.evaluator:Evaluator.__init__.step"
 ENTRIES = (
     Entry("train_step", "the jit train step over the mesh (state donated)",
-          ("depthg_jax.training.step:make_jit_train_step.step_fn",), _train_step),
+          (_STEP,), _train_step),
     Entry("population_step", "a sweep's step, members of mixed sampling",
-          ("depthg_jax.training.population:make_population_step.step_fn",), _population_step),
+          (_STEP,), _population_step),
     Entry("evaluation_step", "evaluate's step: flip, log-probs for the CRF",
           (_EVAL_STEP,), _evaluation_step),
     Entry("crf_count", "the confusion counts of the CRF's labels",
