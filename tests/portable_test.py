@@ -182,6 +182,7 @@ def test_the_command_converts_an_export_and_verifies_the_artifact(export_dir, tm
     def run(args):
         return run_in_process(command.define_flags, command.run, args)
 
+    assert command.FORMATS == exports.FORMATS  # the command names them without importing JAX
     out = tmp_path / "by-command"
     for args, message in (
         ([f"--export={export_dir}", f"--out={out}"], "add --format=portable"),
