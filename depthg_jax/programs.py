@@ -16,6 +16,12 @@ the program and the platform:
 `UNLISTED` names the jit sites of the package that are deliberately not in the table, each
 with its reason; tests/lowering_test.py scans the package's source for every `jit`/`pmap` and
 fails when one is neither listed here nor in `UNLISTED`.
+
+Run it on a CPU host. The backbone picks its attention for the platform it is traced on
+(models/vit.py, attention="auto"): here that is XLA's `dot_product_attention`, the path TPUs
+run and GPUs run in float32; a CUDA host would trace cuDNN flash attention, which lowers for
+CUDA only. So the "cuda" lowering checked here is that of the XLA attention path, not of the
+cuDNN one a GPU runs in bfloat16 (that needs cuDNN present to lower at all).
 """
 
 from __future__ import annotations

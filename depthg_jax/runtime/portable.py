@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthg_jax.models import model as model_lib
+from depthg_jax.models import vit
 from depthg_jax.runtime import files, integrity
 
 FORMAT = "depthg-jax-portable"
@@ -40,6 +41,9 @@ MODEL_FILE = "model.jax"
 SIDECAR = "portable.json"
 PLATFORMS = ("cpu", "cuda", "tpu")
 BATCH_DIM = "batch"
+# Attention paths of the backbone (models/vit.py) whose lowering is plain HLO on every platform;
+# the backbone picks its path for the host it is traced on.
+PORTABLE_ATTENTIONS = ("xla", "explicit")
 
 
 def inference_program(spec: model_lib.ModelSpec, *, flip: bool):
@@ -86,6 +90,13 @@ def export_inference(
     """`infer` lowered for `platforms` at resolution `res` (nothing runs, nothing compiles)."""
     check_resolution(spec, res)
     model_lib.check_params(params, spec)
+    attention = spec.backbone.resolved_attention()
+    if attention not in PORTABLE_ATTENTIONS:
+        raise ValueError(
+            f"the backbone traces {attention!r} attention on this {vit.backend_platform()} host "
+            f"({spec.dtype}), which lowers for CUDA only: write the portable artifact on a CPU "
+            "(JAX_PLATFORMS=cpu python -m depthg_jax.export ... --format=portable)"
+        )
     infer = inference_program(spec, flip=flip)
     params = jax.device_get(params)
     program = jax.jit(lambda images: infer(params, images))
@@ -158,6 +169,7 @@ def write_portable(
             "n_classes": spec.n_classes,
             "dtype": spec.dtype,
             "matmul_precision": spec.matmul_precision,
+            "attention": spec.backbone.resolved_attention(),
         },
         "params_sha256": params_digest(params),
         "source": source,
