@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -134,6 +135,7 @@ def test_the_sidecar_names_classes_palette_resolution_and_source(artifact, expor
     assert source["manifest_sha256"] == integrity.file_digest(manifest)
     assert source["selection"] == {"checkpoint": "final", "step": 7}
     assert sidecar["params_sha256"] == portable.params_digest(params)
+    assert sidecar["model"]["attention"] == "xla"
     assert sorted(os.listdir(artifact)) == ["MANIFEST.json", "model.jax", "portable.json"]
 
 
@@ -152,6 +154,20 @@ def test_noflip_and_another_resolution_are_baked_in(export_dir, images, tmp_path
                        "size 8"):  # fmt: skip
         exports.portable_from_export(export_dir, str(tmp_path / "bad"), res=36)
     assert not (tmp_path / "bad").exists()
+
+
+def test_cudnn_attention_is_never_baked_in(export_dir, monkeypatch):
+    """On a CUDA host a bfloat16 backbone traces cuDNN attention, which lowers for CUDA only:
+    the artifact is refused there rather than written for one platform."""
+    from depthg_jax.models import vit
+
+    config, params = checkpoint.load_export(export_dir)
+    spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), dtype="bfloat16")
+    assert spec.backbone.resolved_attention() == "xla"  # on this CPU
+    monkeypatch.setattr(vit, "backend_platform", lambda: "cuda")
+    assert spec.backbone.resolved_attention() == "cudnn"
+    with pytest.raises(ValueError, match="traces 'cudnn' attention on this cuda host"):
+        portable.export_inference(spec, params, res=RES, flip=True)
 
 
 def damage(artifact: str, tmp_path: Path, name: str) -> str:
