@@ -4,11 +4,11 @@ GPU and CPU without the hardware.
 Each `Entry` builds its program exactly as the package does (the same factory: the train
 step, the population step, the evaluator's steps, `predict`, the KNN and k-means feature
 programs, the portable artifact's function) together with abstract inputs
-(`jax.ShapeDtypeStruct` with the shardings the real call gives them, nothing allocated) at a
-config's real shapes: configs/coco.py gives ViT-S/8 at batch 32 and 224 px for training, 320
-px with flip for evaluation; `configs/coco.py:B/8` the ViT-B/8 ones. `lower` then exports one
-with `jax.export` for each platform asked (`["tpu"]`, `["cuda"]`, `["cpu"]`) and refuses, naming
-the program and the platform:
+(`jax.ShapeDtypeStruct` with the shardings the real call gives them; nothing is allocated but
+the k-means centroids, a few KiB) at a config's real shapes: configs/coco.py gives ViT-S/8 at
+batch 32 and 224 px for training, 320 px with flip for evaluation; `configs/coco.py:B/8` the
+ViT-B/8 ones. `lower` then exports one with `jax.export` for each platform asked (`["tpu"]`,
+`["cuda"]`, `["cpu"]`) and refuses, naming the program and the platform:
   - a host callback (`jax.pure_callback`, `io_callback`, `jax.debug.*`) anywhere in it;
   - a custom call outside `ALLOWED_CUSTOM_CALLS` (a CPU-only kernel, a cuDNN-only attention);
   - anything JAX cannot lower for that platform.
