@@ -25,7 +25,7 @@ import ml_collections
 from depthg_jax.data import palette
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, integrity, portable, seeds
+from depthg_jax.runtime import checkpoint, files, integrity, portable, seeds
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import sweep
 
@@ -183,6 +183,7 @@ def export_run(
     """
     if format not in FORMATS:
         raise ValueError(f"--format={format!r}; expected one of {FORMATS}")
+    check_out(out)
     layout = read_layout(workdir)
     if member is not None and not layout.is_sweep:
         raise ValueError(f"--member={member!r}: {layout.workdir} is a single run, not a sweep")
@@ -208,8 +209,16 @@ def export_run(
     return selection
 
 
+def check_out(out: str) -> None:
+    """Before any long work: `out` must not exist and its parent must be writable."""
+    if os.path.exists(out):
+        raise FileExistsError(f"--out={out} exists; choose a new folder (exports never overwrite)")
+    files.check_writable(os.path.dirname(os.path.abspath(out)), "the parent of --out")
+
+
 def portable_from_export(export: str, out: str, *, res: int | None = None, flip: bool = True):
     """The portable artifact of an existing export (verified first); returns its sidecar."""
+    check_out(out)
     config, params = checkpoint.load_export(export)
     export = os.path.abspath(export)
     source = {
