@@ -212,6 +212,8 @@ def test_the_command_converts_an_export_and_verifies_the_artifact(export_dir, tm
     assert f"to {out}: 64 x 64 px, for cpu, cuda, tpu" in capsys.readouterr().out
     assert run([f"--verify={out}"]) == 0
     assert "portable artifact intact (for cpu, cuda, tpu" in capsys.readouterr().out
+    assert run([f"--export={export_dir}", "--format=portable", f"--out={out}"]) == 1
+    assert f"--out={out} exists; choose a new folder" in capsys.readouterr().err
     damaged = damage(str(out), tmp_path, portable.MODEL_FILE)
     assert run([f"--verify={damaged}"]) == 1
     assert f"{damaged}/{portable.MODEL_FILE} fails its SHA-256" in capsys.readouterr().err
