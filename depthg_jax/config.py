@@ -76,6 +76,12 @@ def _matmul_precisions() -> tuple:
     return model.MATMUL_PRECISIONS
 
 
+def _attentions() -> tuple:
+    from depthg_jax.models import vit
+
+    return vit.ATTENTIONS
+
+
 def _variants() -> tuple:
     from depthg_jax.models import variants
 
@@ -122,6 +128,13 @@ FIELDS: dict[str, Field] = {
         'GPUs: TF32), "high", or "highest" (full fp32, as the release ran; '
         "docs/release.md#matmul-precision).",
         choices=_matmul_precisions,
+    ),
+    "model.attention": _resumable(
+        "auto",
+        'The backbone\'s attention: "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, '
+        'XLA\'s dot_product_attention elsewhere), "xla", "cudnn", or "explicit" (einsum and '
+        "softmax, as the release). The same numbers to ~1e-6 in float32.",
+        choices=_attentions,
     ),
     "model.dim": Field(70, "Code dimension K.", low=1, high=65536),
     "model.dropout": Field(

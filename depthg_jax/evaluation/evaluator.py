@@ -165,7 +165,7 @@ class Evaluator:
             return tally(preds, labels, valid)
 
         self.step = step  # jitted (params, images, labels, valid): a batch's counts
-        self._count = count
+        self.count = count  # jitted (labels by probe, labels, valid): counts of the CRF's labels
 
     def __call__(self, params: dict, loader, *, crf_pool=None):
         """Scores every batch of `loader` (host-local batches {"image" uint8 (b,E,E,3),
@@ -217,7 +217,7 @@ class Evaluator:
                     g2 = sharding.host_to_global(
                         {**refined, "label": batch["label"], "valid": batch["valid"]}, self.mesh
                     )
-                    add(self._count({k: g2[k] for k in refined}, g2["label"], g2["valid"]), "_crf")
+                    add(self.count({k: g2[k] for k in refined}, g2["label"], g2["valid"]), "_crf")
         finally:
             bar.close()
             if own_pool:
