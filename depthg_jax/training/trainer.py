@@ -60,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(reporting.format_val(final_step, final), flush=True)
     results = {"step": final_step, "validation": run.plan.mode}
     results["trained"] = reporting.val_scalars(final)
-    if run.plan.labelled:
+    if "cluster" in final:  # scored (train.eval_batches may leave out every labelled image)
         # The final head's cluster -> class matching: `segment --assignment=W/results.json`.
         results["assignment"] = {
             "assignment": [int(a) for a in final["cluster"]["assignment"]],
