@@ -184,7 +184,11 @@ def test_bf16_forward_error():
     assert float(err.mean()) <= BF16_MEAN
 
 
-V3_VARIANTS = sorted(v for v in VARIANTS if get_variant(v).family == "v3" and "H+" not in v)
+# The 7B's zero state dict alone would be 27 GB: its shapes follow the same code as v3-mu7B,
+# and tests/convert_v2v3_test.py checks its full-size layout abstractly.
+V3_VARIANTS = sorted(
+    v for v in VARIANTS if get_variant(v).family == "v3" and "H+" not in v and "7B/" not in v
+)
 
 
 @pytest.mark.parametrize("variant", V3_VARIANTS)

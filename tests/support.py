@@ -120,3 +120,18 @@ def run_steps(config, devices, batches, num_side):
         )
         losses.append(float(metrics["loss"]))
     return jax.device_get(state.params), losses, program
+
+
+def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
+    nearest = np.full(len(points), np.inf, points.dtype)
+    taken = np.zeros(len(points), bool)
+    order = [start]
+    taken[start] = True
+    for _ in range(n - 1):
+        d = ((points - points[order[-1]]) ** 2).sum(-1)
+        nearest = np.minimum(nearest, d)
+        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
+        order.append(pick)
+        taken[pick] = True
+    return np.array(order)

@@ -115,12 +115,25 @@ VARIANTS: dict[str, VariantSpec] = {
     "v3-B/16": VariantSpec(16, 768, 12, 12, "v3", registers=4),
     "v3-L/16": VariantSpec(16, 1024, 24, 16, "v3", registers=4),
     "v3-H+/16": VariantSpec(16, 1280, 32, 20, "v3", registers=4, hidden=5120, swiglu=True),
+    # DINOv3 ViT-7B/16 (``dinov3_vit7b16``): ffn_ratio 3 with SwiGLU, int(3 * 4096 * 2 / 3)
+    # aligned to 64 = 8192 hidden; no qkv bias at all (so no key-bias mask either), biases on
+    # proj and the SwiGLU; layer scale, 4 storage tokens, LayerNorm eps 1e-5 as the others.
+    # Its official file also holds ``local_cls_norm`` (untie_global_and_local_cls_norm: a
+    # norm for local crops' CLS token, used only in training), which the converter checks
+    # and drops, as transformers does.
+    "v3-7B/16": VariantSpec(
+        16, 4096, 40, 32, "v3", registers=4, hidden=8192, swiglu=True, qkv_bias=False
+    ),
     # Two-block, width-32 variants of each family for tests and the CPU demo.
     "v2-mu/14": VariantSpec(14, 32, 2, 2, "v2"),
     "v2-mug/14": VariantSpec(14, 32, 2, 2, "v2", hidden=88, swiglu=True),
     "v2reg-mu/14": VariantSpec(14, 32, 2, 2, "v2", registers=4),
     "v3-mu/16": VariantSpec(16, 32, 2, 2, "v3", registers=4),
     "v3-mu+/16": VariantSpec(16, 32, 2, 2, "v3", registers=4, hidden=128, swiglu=True),
+    # The 7B's structure at width 32: SwiGLU of hidden 2 * dim, no qkv bias.
+    "v3-mu7B/16": VariantSpec(
+        16, 32, 2, 2, "v3", registers=4, hidden=64, swiglu=True, qkv_bias=False
+    ),
 }
 
 

@@ -43,6 +43,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,6 +57,13 @@ AA_CUBIC_A = -0.5
 DINO_SCALE_OFFSET = 0.1
 POS_INTERPOLATIONS = ("official", "transformers")
 ROPE_BASE = 100.0
+# "auto": the platform's fused kernel where it applies, else "xla"; "explicit": logits,
+# float32 softmax and weighted sum spelled out (the path that can return attention maps).
+ATTENTIONS = ("auto", "xla", "cudnn", "explicit")
+# cuDNN flash attention takes half-precision inputs with a head width that is a multiple of 8,
+# up to 128 before Hopper (256 from Hopper on; 128 is the bound that holds on every GPU).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
 FAMILY_NAMES = {"v1": "DINO (v1)", "v2": "DINOv2", "v3": "DINOv3"}
 
 
@@ -209,6 +217,65 @@ def apply_rope(t: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return jnp.concatenate([t[:, :prefix], patches.astype(t.dtype)], axis=1)
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def backend_platform() -> str:
+    """The platform a jit traced here runs on by default: "cpu", "cuda", "rocm" or "tpu"."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    version = jax.extend.backend.get_backend().platform_version.lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
+def attention_implementation(
+    platform: str, dtype, head_dim: int, requested: str = "auto"
+) -> str:
+    """Which attention runs: "cudnn", "xla" or "explicit", for a platform (``backend_platform``
+    names), compute dtype, head width and requested implementation (one of ``ATTENTIONS``).
+
+    "auto" is cuDNN's flash attention on CUDA when the dtype and head width allow it, else
+    ``jax.nn.dot_product_attention``'s XLA path (also on TPU: its lowering is plain HLO, so
+    exported programs carry no custom call). "cudnn" where cuDNN cannot run is refused.
+    """
+    if requested not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {requested!r}")
+    if requested in ("xla", "explicit"):
+        return requested
+    dtype_name = jnp.dtype(dtype).name
+    why_not = []
+    if platform != "cuda":
+        why_not.append(f"the platform is {platform!r}, not 'cuda'")
+    if dtype_name not in CUDNN_DTYPES:
+        why_not.append(f"the compute dtype is {dtype_name}, not one of {CUDNN_DTYPES}")
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        why_not.append(f"the head width {head_dim} is not a multiple of 8 up to 128")
+    if not why_not:
+        return "cudnn"
+    if requested == "cudnn":
+        raise ValueError(f"attention='cudnn' cannot run here: {'; '.join(why_not)}")
+    return "xla"
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, return_map: bool = False
+) -> tuple[jax.Array, jax.Array | None]:
+    """softmax(q k^T) v per head for q, k, v (B, N, heads, hd), q already scaled.
+
+    "explicit" (or ``return_map``) spells it out with a float32 softmax and returns the map
+    (B, heads, N, N) float32; "xla" / "cudnn" call ``jax.nn.dot_product_attention`` with
+    that implementation (scale 1: the caller's scaling is the references') and return None.
+    """
+    if return_map or implementation == "explicit":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        # Softmax in float32 so bf16 compute does not lose the normalisation.
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", attn.astype(v.dtype), v), attn
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+    return out, None
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -258,13 +325,15 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` projection and ``proj``, as every
     reference; optional RoPE on the last ``rope[0].shape[0]`` tokens (DINOv3: the patches).
 
-    Returns (output, attention map or None). The map (B, heads, N, N), float32, is computed
-    only when asked for.
+    ``implementation`` is a resolved one ("explicit", "xla", "cudnn"; see
+    ``attention_implementation``). Returns (output, attention map or None): the map (B, heads,
+    N, N), float32, is computed (on the explicit path) only when asked for.
     """
 
     dim: int
     heads: int
     qkv_bias: bool = True
+    implementation: str = "explicit"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -281,11 +350,8 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
-        # Softmax in float32 so bf16 compute does not lose the normalisation.
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v).reshape(b, n, c)
-        return _dense(self.dim, "proj", self.dtype)(out), attn if return_map else None
+        out, attn = attend(q * (head_dim**-0.5), k, v, self.implementation, return_map)
+        return _dense(self.dim, "proj", self.dtype)(out.reshape(b, n, c)), attn
 
 
 class Mlp(nn.Module):
@@ -339,14 +405,16 @@ class Block(nn.Module):
     only where the variant has them (DINOv2, DINOv3)."""
 
     spec: VariantSpec
+    attention: str = "explicit"  # a resolved implementation, see Attention
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, rope=None, return_map: bool = False):
         spec, dtype, eps = self.spec, self.dtype, self.spec.layernorm_eps
-        y, attn = Attention(spec.dim, spec.heads, spec.qkv_bias, dtype, name="attn")(
-            _layer_norm("norm1", dtype, eps)(x), rope, return_map
+        attention = Attention(
+            spec.dim, spec.heads, spec.qkv_bias, self.attention, dtype, name="attn"
         )
+        y, attn = attention(_layer_norm("norm1", dtype, eps)(x), rope, return_map)
         if spec.layer_scale:
             y = LayerScale(spec.dim, dtype, name="ls1")(y)
         x = x + y
@@ -387,11 +455,18 @@ class ViT(nn.Module):
         and the attention softmax run in float32.
       pos_interpolation: "official" or "transformers": the learned-position resize of the
         models without registers (only DINOv2's references differ; see the module doc).
+      attention: one of ``ATTENTIONS``. "auto" (default) picks by ``attention_implementation``
+        for the platform jit traces for (``backend_platform()``): cuDNN flash attention on
+        CUDA in bf16/fp16, XLA's ``dot_product_attention`` elsewhere. "explicit" is the
+        einsum/softmax path; a requested attention map always comes from it (last block only).
+        The choice is made at trace time: exporting from this machine for another platform
+        traces this machine's choice ("xla" on a CPU).
     """
 
     variant: str = "S/8"
     dtype: jnp.dtype = jnp.float32
     pos_interpolation: str = "official"
+    attention: str = "auto"
 
     # The family a subclass is pinned to (None: any).
     family: ClassVar[str | None] = None
@@ -438,7 +513,7 @@ class ViT(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} runs {FAMILY_NAMES[self.family]} variants; "
                 f"{self.variant!r} is a {spec.family} variant: use ViT({self.variant!r}), or "
-                "build it with backbones.build_backbone's successor, vit.build_backbone"
+                "build it with vit.build_backbone"
             )
         if self.pos_interpolation not in POS_INTERPOLATIONS:
             raise ValueError(
@@ -446,6 +521,13 @@ class ViT(nn.Module):
                 f"{self.pos_interpolation!r}"
             )
         return spec
+
+    def resolved_attention(self) -> str:
+        """The attention this module runs here (see ``attention_implementation``)."""
+        spec = get_variant(self.variant)
+        return attention_implementation(
+            backend_platform(), self.dtype, spec.head_dim, self.attention
+        )
 
     @nn.compact
     def _forward(
@@ -472,9 +554,9 @@ class ViT(nn.Module):
             reg = jnp.broadcast_to(reg, (b, spec.registers, c)).astype(dtype)
             tokens = jnp.concatenate([tokens[:, :1], reg, tokens[:, 1:]], axis=1)
         outputs, attn = {}, None
-        last = max(taps)
+        last, attention = max(taps), self.resolved_attention()
         for i in range(1, last + 1):
-            block = Block(spec, dtype, name=f"blocks_{i - 1}")
+            block = Block(spec, attention, dtype, name=f"blocks_{i - 1}")
             tokens, attn = block(tokens, rope, return_map and i == last)
             if i in taps:
                 outputs[i] = tokens
@@ -535,8 +617,9 @@ class Dinov3ViT(ViT):
 _PINNED = {"v1": DinoViT, "v2": Dinov2ViT, "v3": Dinov3ViT}
 
 
-def build_backbone(variant: str, dtype=jnp.float32) -> ViT:
+def build_backbone(variant: str, dtype=jnp.float32, attention: str = "auto") -> ViT:
     """The backbone module of any variant (its family's pinned ``ViT``: DinoViT, Dinov2ViT or
     Dinov3ViT). Takes ImageNet-normalised (B, H, W, 3) images and returns (B, H/p, W/p, C)
-    float32 patch features after the final norm (CLS and register tokens dropped)."""
-    return _PINNED[get_variant(variant).family](variant=variant, dtype=dtype)
+    float32 patch features after the final norm (CLS and register tokens dropped).
+    `attention`: one of ATTENTIONS (see ViT)."""
+    return _PINNED[get_variant(variant).family](variant=variant, dtype=dtype, attention=attention)

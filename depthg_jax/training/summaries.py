@@ -1,4 +1,5 @@
-"""Picture summaries written during training: image | depth | cluster prediction | label."""
+"""Picture summaries written during training: image | depth | cluster prediction | label (the
+label column only when the batch has labels)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from depthg_jax.data import palette
+from depthg_jax.evaluation.reports import make_grid
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import files
 
@@ -17,20 +19,6 @@ def colorize_depth(depth: np.ndarray) -> np.ndarray:
     """Depth (H, W) in [0, 255], 0 = nearest, as a grey RGB image (near = bright)."""
     grey = (255 - np.clip(depth, 0, 255)).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tiles equally sized RGB uint8 images (rows of columns) with a white border."""
-    h, w = rows[0][0].shape[:2]
-    n_rows, n_cols = len(rows), len(rows[0])
-    grid = np.full((n_rows * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            if tile.shape[:2] != (h, w):
-                raise ValueError(f"grid tile {r},{c} has shape {tile.shape[:2]}, expected {(h, w)}")
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            grid[y : y + h, x : x + w] = tile
-    return grid
 
 
 def write_image_summary(
@@ -45,7 +33,7 @@ def write_image_summary(
     """Writes `<workdir>/images/step_<step>.png` from the first evaluation batch (process 0).
 
     Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
-    one is given, so prediction and label colours agree.
+    it has one (label-free runs have none: clusters keep their ids' colours).
     """
     if jax.process_index() != 0:
         return None
@@ -56,18 +44,15 @@ def write_image_summary(
         return None
     out = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), False)
     clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
-    if val_result is not None and "assignment" in val_result["cluster"]:
+    if val_result is not None and "assignment" in val_result.get("cluster", {}):
         clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]
     colours = palette.palette_for(config.data.name, config.data.n_classes)
     depth = np.asarray(batch["depth"])[valid][: len(images)]
     labels = np.asarray(batch["label"])[valid][: len(images)]
+    has_labels = bool((labels >= 0).any())
     rows = [
-        [
-            images[i],
-            colorize_depth(depth[i]),
-            palette.colorize(clusters[i], colours),
-            palette.colorize(labels[i], colours),
-        ]
+        [images[i], colorize_depth(depth[i]), palette.colorize(clusters[i], colours)]
+        + ([palette.colorize(labels[i], colours)] if has_labels else [])
         for i in range(len(images))
     ]
     directory = os.path.join(workdir, "images")
