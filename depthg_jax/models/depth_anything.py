@@ -382,15 +382,18 @@ class DepthAnything(nn.Module):
       pos_interpolation: the encoder's position-embedding resize: "transformers" (what
         ``DepthAnythingForDepthEstimation`` does, the default) or "official" (the
         Depth-Anything-V2 repository's DINOv2: scale factor (g + 0.1) / 37).
+      attention: the encoder's attention implementation (``vit.ATTENTIONS``; "auto": cuDNN
+        flash attention on CUDA in bfloat16, XLA's elsewhere).
     """
 
     spec: DepthAnythingSpec
     dtype: jnp.dtype = jnp.float32
     pos_interpolation: str = "transformers"
+    attention: str = "auto"
 
     def setup(self):
         check_spec(self.spec)
-        self.backbone = vit.build_backbone(self.spec.encoder, self.dtype).clone(
+        self.backbone = vit.build_backbone(self.spec.encoder, self.dtype, self.attention).clone(
             pos_interpolation=self.pos_interpolation
         )
         self.neck = DepthAnythingNeck(
