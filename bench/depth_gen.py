@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _path in (REPO, os.path.join(REPO, "tests")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)  # depthg_jax, and the tests' model configs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from depth_anything_test import small_config, tiny_config  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from depthg_jax.data import depth as depth_cmd  # noqa: E402
@@ -39,22 +41,7 @@ from depthg_jax.data import depth as depth_cmd  # noqa: E402
 def save_small(path: Path, tiny: bool = False) -> None:
     """Depth Anything V2 Small's published architecture, random weights, and its processor
     (`tiny`: a 2-block width-32 encoder, the "v2-mu/14" ViT, at 56 px, for smoke tests)."""
-    backbone = transformers.Dinov2Config(
-        hidden_size=32 if tiny else 384,
-        num_hidden_layers=2 if tiny else 12,
-        num_attention_heads=2 if tiny else 6,
-        patch_size=14,
-        image_size=28 if tiny else 518,
-        out_indices=[1, 2] if tiny else [3, 6, 9, 12],
-        reshape_hidden_states=False,
-    )
-    neck = dict(reassemble_factors=[2, 1], neck_hidden_sizes=[16, 32], fusion_hidden_size=16)
-    config = transformers.DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=backbone.hidden_size,
-        head_hidden_size=8 if tiny else 32,
-        **(neck if tiny else dict(neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64)),
-    )
+    config = tiny_config(layers=(1, 2), depth=2, factors=(2, 1)) if tiny else small_config()
     size = 56 if tiny else 518
     torch.manual_seed(0)
     model = transformers.DepthAnythingForDepthEstimation(config).eval()

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from depth_anything_test import official_state  # noqa: E402
+from depth_anything_test import official_state, small_config  # noqa: E402
 
 from depthg_jax.models import convert_depth_anything as convert_da  # noqa: E402
 from depthg_jax.models import depth_anything as da  # noqa: E402
@@ -36,22 +36,7 @@ TOLERANCE = 1e-4
 
 
 def small_model(seed: int = 0):
-    backbone = transformers.Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        patch_size=14,
-        image_size=518,
-        out_indices=[3, 6, 9, 12],
-        reshape_hidden_states=False,
-    )
-    config = transformers.DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=384,
-        neck_hidden_sizes=[48, 96, 192, 384],
-        fusion_hidden_size=64,
-        head_hidden_size=32,
-    )
+    config = small_config()
     torch.manual_seed(seed)
     model = transformers.DepthAnythingForDepthEstimation(config).eval()
     captured = []

@@ -40,6 +40,26 @@ def tiny_config(layers=(1, 2, 3, 4), depth=4, factors=(4, 2, 1, 0.5), **extra):
     )
 
 
+def small_config():
+    """Depth Anything V2 Small's published shape (depth-anything/Depth-Anything-V2-Small-hf)."""
+    backbone = transformers.Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        patch_size=14,
+        image_size=518,
+        out_indices=[3, 6, 9, 12],
+        reshape_hidden_states=False,
+    )
+    return transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=384,
+        neck_hidden_sizes=[48, 96, 192, 384],
+        fusion_hidden_size=64,
+        head_hidden_size=32,
+    )
+
+
 def random_model(config, seed=0):
     torch.manual_seed(seed)
     model = transformers.DepthAnythingForDepthEstimation(config).eval()
@@ -188,22 +208,7 @@ def test_small_shape_matches_transformers_from_official_names():
     """Depth Anything V2 Small's shape (v2-S/14, layers 3/6/9/12 by default for width 384,
     neck 48/96/192/384, fusion 64) at a small input, official names; the full 518x686 input is
     bench/verify_depth_anything_parity.py's."""
-    backbone = transformers.Dinov2Config(
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        patch_size=14,
-        image_size=518,
-        out_indices=[3, 6, 9, 12],
-        reshape_hidden_states=False,
-    )
-    config = transformers.DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=384,
-        neck_hidden_sizes=[48, 96, 192, 384],
-        fusion_hidden_size=64,
-        head_hidden_size=32,
-    )
+    config = small_config()
     torch.manual_seed(0)
     model = transformers.DepthAnythingForDepthEstimation(config).eval()
     with torch.no_grad():

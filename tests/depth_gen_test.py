@@ -128,6 +128,19 @@ def reference_depth(model_dir: Path, image_path: Path) -> np.ndarray:
     return resized[0, 0].numpy()
 
 
+def interrupt_after(n: int):
+    """(the out paths reported done, an on_image_done that raises KeyboardInterrupt at the n-th,
+    as if the run were stopped there)."""
+    done = []
+
+    def stop(rel, out_path):
+        done.append(out_path)
+        if len(done) == n:
+            raise KeyboardInterrupt
+
+    return done, stop
+
+
 def run_main(argv, capsys) -> tuple[int, str]:
     rc = depth_cmd.main([*argv, "--noprogress"])
     return rc, capsys.readouterr().err
@@ -351,16 +364,10 @@ def test_nearest_is_override_flips_the_map(tiny_model, tiny_model_dir, tmp_path)
 def test_interrupted_run_resumes(tiny_model, tmp_path):
     rels = write_directory_dataset(tmp_path)
     images, out = tmp_path / "images", tmp_path / "depth"
-    done = []
-
-    def stop_after_two(rel, out_path):
-        done.append(out_path)
-        if len(done) == 2:
-            raise KeyboardInterrupt
-
+    done, stop = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
         depth_cmd.generate_depth(
-            images, out, tiny_model, batch_size=1, progress=False, on_image_done=stop_after_two
+            images, out, tiny_model, batch_size=1, progress=False, on_image_done=stop
         )
     on_disk = sorted(p for p in out.rglob("*") if p.is_file())
     assert on_disk == sorted(done)  # Two whole files, no temporaries.
@@ -641,17 +648,9 @@ def test_jax_run_resumes_after_an_interruption(tiny_model_dir, tmp_path):
     rels = write_directory_dataset(tmp_path, n_extra=6)
     images, out = tmp_path / "images", tmp_path / "depth"
     jm = depth_cmd.load_jax_model(str(tiny_model_dir))
-    done = []
-
-    def stop_after_three(rel, out_path):
-        done.append(out_path)
-        if len(done) == 3:
-            raise KeyboardInterrupt
-
+    done, stop = interrupt_after(3)
     with pytest.raises(KeyboardInterrupt):
-        depth_cmd.generate_depth(
-            images, out, jm, batch_size=2, progress=False, on_image_done=stop_after_three
-        )
+        depth_cmd.generate_depth(images, out, jm, batch_size=2, progress=False, on_image_done=stop)
     on_disk = sorted(p for p in out.rglob("*") if p.is_file())
     assert set(done) <= set(on_disk) and len(on_disk) < len(rels)  # writers may be ahead
     assert all(p.name.endswith("_zoedepth.png") for p in on_disk)  # no temporaries left
