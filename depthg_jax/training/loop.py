@@ -103,6 +103,18 @@ def plan_validation(config: ml_collections.ConfigDict) -> ValidationPlan:
     return plan
 
 
+def train_has_labels(config: ml_collections.ConfigDict) -> bool:
+    """Whether any training image has a label file (loose files; prepared records and the
+    generated set are taken as labelled: their loss on all-ignored labels is 0 anyway)."""
+    if config.data.data_dir or config.data.name == "synthetic":
+        return True
+    source = pipeline.make_source(config.data, config.data.train_split)
+    records = getattr(source, "records", None)
+    if records is None:
+        return True
+    return any(getattr(r, "label", None) for r in records)
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         files.write_text_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
