@@ -68,7 +68,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
         check_model_matches(config, config_override)
         config.data = config_override.data
         config.eval = config_override.eval
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_for(config)  # the export's mesh.model: its backbone split as trained
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     eval_data = config_lib.eval_data(config)
     loader = pipeline.make_eval_loader(

@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
@@ -35,8 +36,8 @@ from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
 from depthg_jax.evaluation import crf
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import vit
-from depthg_jax.runtime import checkpoint, files
+from depthg_jax.models import partitioning, vit
+from depthg_jax.runtime import checkpoint, files, sharding
 
 OVERLAY_ALPHA = 0.5
 
@@ -117,13 +118,22 @@ class Segmenter:
             )
         if probe not in ("cluster", "linear"):
             raise SegmentError(f"--probe={probe!r}; use 'cluster' or 'linear'")
-        self.config, self.params = config, params
+        # On the first mesh.model devices, the backbone split over them as in training.
+        model = sharding.model_axis(config)
+        if model > jax.local_device_count():
+            raise SegmentError(
+                f"checkpoint {checkpoint_dir} was trained with mesh.model={model}: segmenting "
+                f"needs {model} devices, this host has {jax.local_device_count()}"
+            )
+        self.mesh = sharding.make_mesh(jax.local_devices()[:model], model=model)
+        self.config, self.params = config, partitioning.place_params(params, self.mesh)
         self.probe, self.use_crf = probe, use_crf
         self.n_classes = int(config.data.n_classes)
         self.pool = None
         self.spec = model_lib.ModelSpec.from_config(config)
 
     def labels(self, images: np.ndarray, count: int) -> np.ndarray:
+        images = jax.device_put(images, sharding.replicated(self.mesh))
         out = model_lib.predict(self.params, images, self.spec, True)
         key = "cluster_log_probs" if self.probe == "cluster" else "linear_logits"
         scores = np.asarray(out[key])[:count]
