@@ -99,6 +99,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ReleaseError(
             f"{path}: not a Lightning checkpoint (no 'state_dict' entry; found {keys})"
         )
+    try:  # Converted here, once and bounded, so every later use holds plain, finite data.
+        ckpt["hyper_parameters"] = pth.to_plain(ckpt.get("hyper_parameters") or {})
+    except pth.GraphError as e:
+        raise ReleaseError(
+            f"{path}: its hyper_parameters {e}, which no Lightning checkpoint does; refusing it"
+        ) from None
     return ckpt
 
 
