@@ -239,8 +239,13 @@ def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
     state_dicts.check_against_shapes(state, expected_shapes(variant, n), variant)
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
+def convert_state_dict(
+    state_dict: dict[str, np.ndarray], variant: str, *, consume: bool = False
+) -> dict[str, Any]:
     """Official-named state dict -> the "params" of ``backbones.build_backbone(variant)``.
+
+    consume: convert tensor by tensor, taking each out of `state_dict` (left empty) as it is
+    converted: the weights are never held twice (what the command and `load_backbone` do).
 
     Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
     the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.
@@ -250,10 +255,12 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[
     """
     check_finite_weights(state_dict, "the weights")
     if get_variant(variant).family != "v1":
-        return convert_v2v3.convert_state_dict_v2v3(state_dict, variant)
+        return convert_v2v3.convert_state_dict_v2v3(state_dict, variant, consume=consume)
     state = {k: np.asarray(v) for k, v in state_dict.items()}
+    if consume:
+        state_dict.clear()  # `state` holds the only references now
     _check_keys_and_shapes(state, variant)
-    return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"))
+    return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"), consume=consume)
 
 
 def check_finite_weights(named: dict[str, Any], source: str) -> None:
@@ -369,7 +376,7 @@ def load_backbone(path: str | os.PathLike, variant: str, target=None) -> dict[st
             check_finite_on_devices(params, f"the converted weights {path}")
         return params
     try:
-        return convert_state_dict(load_state_dict(path), variant)
+        return convert_state_dict(load_state_dict(path), variant, consume=True)
     except ValueError as e:
         if "NaN/inf" in str(e):
             raise ValueError(f"{path}: {e}") from e
@@ -443,7 +450,7 @@ def run(fv: flags.FlagValues) -> int:
         if Path(fv.out).exists():
             raise FileExistsError(f"output {fv.out} already exists; choose a new --out")
         weights = Path(fv.weights) if fv.weights else download_official(fv.variant)
-        params = convert_state_dict(load_state_dict(weights), fv.variant)
+        params = convert_state_dict(load_state_dict(weights), fv.variant, consume=True)
         save_backbone(params, fv.variant, fv.out, source=str(weights))
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
