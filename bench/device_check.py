@@ -158,10 +158,10 @@ def fps_seconds(config, runner, steps):
     import jax.numpy as jnp
 
     from depthg_jax.method import sampling
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
     from depthg_jax.runtime import xla
 
-    grid = config.data.train_res // vit.patch_size(config.model.variant)
+    grid = config.data.train_res // variants.patch_size(config.model.variant)
     depths = jnp.concatenate([runner.batch["depth"], runner.batch["depth_pos"]])
     fps = xla.jit(
         functools.partial(

@@ -14,7 +14,7 @@ from support import make_program, random_batch, tiny_config
 from depthg_jax.evaluation import evaluator
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import partitioning
+from depthg_jax.models import partitioning, variants
 from depthg_jax.runtime import sharding
 from depthg_jax.training import planning, population, sweep
 from depthg_jax.training import step as step_lib
@@ -26,7 +26,7 @@ VARIANTS = ["mu/8"]
 
 
 def config_for(variant, **overrides):
-    patch = model_lib.vit.patch_size(variant)
+    patch = variants.patch_size(variant)
     res = 8 * patch  # an 8 x 8 feature grid
     return tiny_config(
         **{"model.variant": variant, "data.train_res": res, "data.eval_res": res, **overrides}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from depthg_jax.models import state_dicts
-from depthg_jax.models.vit import VARIANTS, get_variant, mlp_hidden
+from depthg_jax.models.variants import VARIANTS, get_variant, mlp_hidden
 
 FAMILY_NAMES = {"v1": "DINO (v1)", "v2": "DINOv2", "v3": "DINOv3"}
 
@@ -296,7 +296,7 @@ def expected_shapes_v2v3(variant: str, num_positions: int = 0) -> dict[str, tupl
 
 def _check_optional_v3(state: dict[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
     """Applies qkv bias masks and checks the RoPE periods; returns the state without them."""
-    from depthg_jax.models.dinov3 import rope_periods
+    from depthg_jax.models.vit import rope_periods
 
     spec = get_variant(variant)
     state = dict(state)

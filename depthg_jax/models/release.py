@@ -39,7 +39,7 @@ import numpy as np
 from depthg_jax import commands
 from depthg_jax.models import pth
 from depthg_jax.models.convert import convert_state_dict, infer_architecture
-from depthg_jax.models.vit import VARIANTS, get_variant
+from depthg_jax.models.variants import VARIANTS, get_variant
 
 SOURCE_FILE = "source.json"
 BACKBONE_PREFIX = "net.model."

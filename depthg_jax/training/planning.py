@@ -148,15 +148,15 @@ def member_bytes(config, data: int = 1) -> int:
     its two dropout masks and hidden layer (3 x C channels) and the code with its
     intermediates (4 x K), at every feature-grid point of the device's share of the batch.
     """
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
 
-    c = vit.embed_dim(config.model.variant)
+    c = variants.embed_dim(config.model.variant)
     k = config.model.dim
     n = config.data.n_classes
     head = c * k + k + c * c + c + c * k + k  # linear, nonlinear_1, nonlinear_2
     probes = n * k + n * k + n
     params = head + probes
-    grid = (config.data.train_res // vit.patch_size(config.model.variant)) ** 2
+    grid = (config.data.train_res // variants.patch_size(config.model.variant)) ** 2
     batch = math.ceil(config.train.batch_size / data)
     acts = 2 * batch * grid * (3 * c + 4 * k)
     return 4 * (4 * params + acts)
@@ -166,9 +166,9 @@ def shared_activation_bytes(config, data: int = 1) -> int:
     """The backbone forward's largest live activations on a device (frozen: none are kept for
     a backward pass): one block's working set over anchors and positives and its attention,
     plus the features, float32."""
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
 
-    spec = vit.get_variant(config.model.variant)
+    spec = variants.get_variant(config.model.variant)
     c = spec.dim
     tokens = (config.data.train_res // spec.patch) ** 2 + 1 + spec.registers
     b2 = 2 * math.ceil(config.train.batch_size / data)
