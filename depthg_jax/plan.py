@@ -20,6 +20,8 @@ allocates (docs/pods.md#planner).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 from absl import flags
@@ -35,6 +37,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("auto_mesh", False, "Plan the smallest mesh.model that fits (else refuse).")
 flags.DEFINE_bool("compile", True, "Compile on simulated devices for XLA's analyses.")
+flags.DEFINE_bool("json", False, "Print the plan's numbers as one JSON object.")
 flags.mark_flags_as_required(["config", "chips"])
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -56,14 +59,39 @@ def main(argv) -> None:
     if not 0 < FLAGS.utilisation <= 1:
         raise ValueError(f"--utilisation={FLAGS.utilisation}; expected a share in (0, 1]")
     simulate_devices(count)
-    print(plan(FLAGS.config, chip_name, count, FLAGS.utilisation, FLAGS.auto_mesh,
-               FLAGS.compile))  # fmt: skip
+    result = make_plan(FLAGS.config, chip_name, count, FLAGS.utilisation, FLAGS.auto_mesh,
+                       FLAGS.compile)  # fmt: skip
+    print(json.dumps(result) if FLAGS.json else format_plan(result), flush=True)
+    if not result["fits"]:
+        raise MemoryError(
+            f"the compiled step does not fit: {result['compiled_total_bytes'] / 2**30:.2f} GiB "
+            f"> {result['usable_bytes'] / 2**30:.2f} GiB usable per device"
+        )
 
 
-def plan(config, chip_name: str, count: int, utilisation: float, auto_mesh: bool,
-         compile_: bool = True) -> str:  # fmt: skip
-    """The plan's text; raises MemoryError (with the numbers and a mesh that fits) or
-    ValueError (a mesh that cannot run the batch) before any compile."""
+def make_plan(config, chip_name: str, count: int, utilisation: float, auto_mesh: bool,
+              compile_: bool = True) -> dict:  # fmt: skip
+    """The plan's numbers; raises MemoryError (with the numbers and a mesh that fits) or
+    ValueError (a mesh that cannot run the batch) before any compile.
+
+    auto_mesh: plan the smallest mesh.model whose estimate fits; when its compiled step does
+    not fit, the next one that does (each tried with one compile)."""
+    from depthg_jax.training import planning
+
+    result = _plan_at(config, chip_name, count, utilisation, auto_mesh, compile_, None)
+    if not auto_mesh or result["fits"]:
+        return result
+    budget = result["usable_bytes"]
+    host_chips = result["host_chips"]
+    for model, _ in planning.fitting_meshes(config, count, host_chips, budget, result["members"]):
+        if model > result["model"]:
+            result = _plan_at(config, chip_name, count, utilisation, False, compile_, model)
+            if result["fits"]:
+                break
+    return result
+
+
+def _plan_at(config, chip_name, count, utilisation, auto_mesh, compile_, model) -> dict:
     from depthg_jax.training import planning, sweep
 
     chip = planning.CHIPS[chip_name]
@@ -72,7 +100,7 @@ def plan(config, chip_name: str, count: int, utilisation: float, auto_mesh: bool
     budget = int(chip.hbm_bytes * planning.USABLE_FRACTION)
     table = sweep.member_table(config) if sweep.is_sweep(config) else None
     members = len(table) if table else 0
-    model = int(config.mesh.model)
+    model = int(config.mesh.model) if model is None else model
     fits = planning.fitting_meshes(config, count, host_chips, budget, members)
     if auto_mesh:
         if not fits:
@@ -85,23 +113,27 @@ def plan(config, chip_name: str, count: int, utilisation: float, auto_mesh: bool
     est = planning.estimate(config, count // model, model, members)
     if est.total_bytes > budget:
         raise MemoryError(planning.refusal(config, est, budget, where, fits))
-
-    lines = [
-        f"Plan: {config.model.variant} ({config.model.get('backbone_param_dtype', 'float32')} "
-        f"backbone parameters, {config.model.dtype} compute), train.batch_size="
-        f"{config.train.batch_size}" + (f", {members} sweep members" if members else ""),
-        f"slice: {where}: {chip.name}, {chip.hbm_bytes / planning.GIB:.1f} GiB HBM, "
-        f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s peak bf16 per chip; {count // host_chips} "
-        f"host(s) of {host_chips} chips",
-        f"mesh: data {count // model} x model {model} (--config.mesh.model={model})",
-        f"per device, from shapes: {est.describe()}; {budget / planning.GIB:.2f} GiB usable "
-        f"({planning.USABLE_FRACTION:.0%} of HBM)",
-    ]
-    if est.replicated_params:
-        lines.append(f"  left whole on every device (axis not divisible by {model}): "
-                     + ", ".join(est.replicated_params))  # fmt: skip
+    result = {
+        "variant": config.model.variant,
+        "param_dtype": str(config.model.get("backbone_param_dtype", "float32")),
+        "compute_dtype": str(config.model.dtype),
+        "batch": int(config.train.batch_size),
+        "members": members,
+        "chips": where,
+        "chip": chip.name,
+        "hbm_bytes": chip.hbm_bytes,
+        "peak_flops": chip.peak_bf16_flops,
+        "hosts": max(count // host_chips, 1),
+        "host_chips": host_chips,
+        "data": count // model,
+        "model": model,
+        "usable_bytes": budget,
+        "estimate": dataclasses.asdict(est) | {"total_bytes": est.total_bytes},
+        "estimate_text": est.describe(),
+        "fits": True,
+    }
     if not compile_:
-        return "\n".join(lines)
+        return result
 
     import jax
 
@@ -112,34 +144,60 @@ def plan(config, chip_name: str, count: int, utilisation: float, auto_mesh: bool
             f"the planner needs {count} simulated devices but JAX started with "
             f"{jax.device_count()}: run it as its own process (python -m depthg_jax.plan)"
         )
-    mesh = sharding.make_mesh(model=model)
-    compiled = planning.compile_step(config, mesh, table)
-    gib = planning.GIB
-    lines.append(
-        f"per device, compiled (XLA:CPU, {count} simulated devices): arguments "
-        f"{compiled.argument_bytes / gib:.2f} GiB (backbone {compiled.backbone_bytes / gib:.2f}),"
-        f" temporaries {compiled.temp_bytes / gib:.2f} GiB, outputs not aliased "
-        f"{(compiled.output_bytes - compiled.alias_bytes) / gib:.2f} GiB: total "
-        f"{compiled.total_bytes / gib:.2f} GiB"
-        + ("" if compiled.total_bytes <= budget else "  ** over the usable HBM **")
-    )
+    compiled = planning.compile_step(config, sharding.make_mesh(model=model), table)
     step_s = compiled.flops / (chip.peak_bf16_flops * utilisation)
-    steps = int(config.train.num_steps)
-    lines.append(
-        f"FLOPs per step per device: {compiled.flops / 1e12:.3f} TFLOP (XLA cost analysis); "
-        f"predicted step {step_s * 1e3:.1f} ms at {utilisation:.0%} of peak; "
-        f"{steps} steps: {format_duration(steps * step_s)}"
+    rate = config.train.batch_size / step_s / result["hosts"]
+    result.update(
+        compiled=dataclasses.asdict(compiled),
+        compiled_total_bytes=compiled.total_bytes,
+        fits=compiled.total_bytes <= budget,
+        utilisation=utilisation,
+        step_seconds=step_s,
+        run_seconds=step_s * int(config.train.num_steps),
+        num_steps=int(config.train.num_steps),
+        host_pairs_per_second=rate,
+        host_cpu_cores=rate * planning.CPU_SECONDS_PER_PAIR,
     )
-    hosts = max(count // host_chips, 1)
-    rate = config.train.batch_size / step_s / hosts
-    cores = rate * planning.CPU_SECONDS_PER_PAIR
-    lines.append(
-        f"input per host: {rate:.0f} training pairs/s; at {planning.CPU_SECONDS_PER_PAIR * 1e3:.1f}"
-        f" ms CPU per pair (bench/RESULTS.md, 224 px PNG) that is {cores:.1f} CPU cores"
-    )
-    if compiled.total_bytes > budget:
-        raise MemoryError("\n".join(lines) + "\nthe compiled step does not fit: "
-                          f"{compiled.total_bytes / gib:.2f} GiB > {budget / gib:.2f} GiB")
+    return result
+
+
+def format_plan(p: dict) -> str:
+    """The plan as the command prints it."""
+    from depthg_jax.training import planning
+
+    gib = planning.GIB
+    lines = [
+        f"Plan: {p['variant']} ({p['param_dtype']} backbone parameters, {p['compute_dtype']} "
+        f"compute), train.batch_size={p['batch']}"
+        + (f", {p['members']} sweep members" if p["members"] else ""),
+        f"slice: {p['chips']}: {p['chip']}, {p['hbm_bytes'] / gib:.1f} GiB HBM, "
+        f"{p['peak_flops'] / 1e12:.0f} TFLOP/s peak bf16 per chip; {p['hosts']} host(s) of "
+        f"{p['host_chips']} chips",
+        f"mesh: data {p['data']} x model {p['model']} (--config.mesh.model={p['model']})",
+        f"per device, from shapes: {p['estimate_text']}; {p['usable_bytes'] / gib:.2f} GiB "
+        f"usable ({planning.USABLE_FRACTION:.0%} of HBM)",
+    ]
+    whole = p["estimate"]["replicated_params"]
+    if whole:
+        lines.append(f"  left whole on every device (axis not divisible by {p['model']}): "
+                     + ", ".join(whole))  # fmt: skip
+    if "compiled" not in p:
+        return "\n".join(lines)
+    c = p["compiled"]
+    lines += [
+        f"per device, compiled (XLA:CPU, {p['data'] * p['model']} simulated devices): arguments "
+        f"{c['argument_bytes'] / gib:.2f} GiB (backbone {c['backbone_bytes'] / gib:.2f}), "
+        f"temporaries {c['temp_bytes'] / gib:.2f} GiB, outputs not aliased "
+        f"{(c['output_bytes'] - c['alias_bytes']) / gib:.2f} GiB: total "
+        f"{p['compiled_total_bytes'] / gib:.2f} GiB"
+        + ("" if p["fits"] else "  ** over the usable HBM **"),
+        f"FLOPs per step per device: {c['flops'] / 1e12:.3f} TFLOP (XLA cost analysis); "
+        f"predicted step {p['step_seconds'] * 1e3:.1f} ms at {p['utilisation']:.0%} of peak; "
+        f"{p['num_steps']} steps: {format_duration(p['run_seconds'])}",
+        f"input per host: {p['host_pairs_per_second']:.0f} training pairs/s; at "
+        f"{planning.CPU_SECONDS_PER_PAIR * 1e3:.1f} ms CPU per pair (bench/RESULTS.md, 224 px "
+        f"PNG) that is {p['host_cpu_cores']:.1f} CPU cores",
+    ]
     return "\n".join(lines)
 
 

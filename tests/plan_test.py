@@ -9,6 +9,7 @@ from support import REPO_CONFIGS, tiny_config
 from train_process_test import ROOT
 
 from depthg_jax import plan
+from depthg_jax.models import variants
 from depthg_jax.runtime import sharding
 from depthg_jax.training import loop, planning
 
@@ -29,7 +30,13 @@ def coco(variant):
     return f"--config={REPO_CONFIGS / 'coco.py'}:{variant}"
 
 
+needs_7b = pytest.mark.skipif(
+    "v3-7B/16" not in variants.VARIANTS, reason="the DINOv3 7B arrives with branch vit"
+)
+
+
 @pytest.mark.slow
+@needs_7b
 def test_a_float32_7b_on_v5e_8_is_refused_with_the_numbers_and_a_mesh_that_fits():
     out = planner(coco("v3-7B/16"), "--chips=v5e-8")
     assert out.returncode == 1, out.stdout + out.stderr
@@ -54,6 +61,7 @@ def test_a_float32_7b_on_v5e_8_is_refused_with_the_numbers_and_a_mesh_that_fits(
 
 
 @pytest.mark.slow
+@needs_7b
 def test_the_compiled_plan_of_the_7b_structured_tiny_model():
     out = planner(coco("v3-mu7B/16"), "--chips=v5e-8", "--config.mesh.model=4",
                   "--config.train.batch_size=8", "--config.data.train_res=64")  # fmt: skip
@@ -70,8 +78,9 @@ def test_chip_names_and_counts():
     assert planning.parse_chips("8xH100") == ("H100", 8)
     with pytest.raises(ValueError, match="expected NAME-COUNT"):
         planning.parse_chips("v7-8")
-    assert planning.CHIPS["v5e"].chips_per_host(8) == 8
-    assert planning.CHIPS["v5e"].chips_per_host(64) == 4
+    assert planning.CHIPS["v5e"].chips_per_host(4) == 4
+    assert planning.CHIPS["v5e"].chips_per_host(64) == 8
+    assert planning.CHIPS["v4"].chips_per_host(32) == 4
     assert planning.CHIPS["H100"].chips_per_host(8) == 8
 
 
@@ -90,11 +99,12 @@ def test_the_estimate_splits_the_backbone_and_the_batch():
 
 def test_plan_without_compile_and_its_refusals():
     config = tiny_config(**{"model.variant": "mu/8"})
-    text = plan.plan(config, "v5e", 8, 0.4, auto_mesh=False, compile_=False)
+    text = plan.format_plan(plan.make_plan(config, "v5e", 8, 0.4, auto_mesh=False,
+                                           compile_=False))  # fmt: skip
     assert "mesh: data 8 x model 1" in text and "GiB usable (90% of HBM)" in text
     config.mesh.model = 3
     with pytest.raises(ValueError, match="v5e-8: mesh.model=3 does not divide 8 devices"):
-        plan.plan(config, "v5e", 8, 0.4, auto_mesh=False, compile_=False)
+        plan.make_plan(config, "v5e", 8, 0.4, auto_mesh=False, compile_=False)
 
 
 def test_training_refuses_a_run_that_does_not_fit_before_any_device_work(tmp_path, monkeypatch):

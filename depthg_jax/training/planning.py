@@ -38,22 +38,19 @@ CPU_SECONDS_PER_PAIR = 7.8e-3
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
-    hbm_bytes: int
-    peak_bf16_flops: float
-    host_chips: int  # chips per host in a multi-host slice
-    single_host_max: int = 0  # slices up to this many chips sit on one host
+    hbm_bytes: int  # as the vendor states it (GB read as 10^9 bytes, GiB as 2^30)
+    peak_bf16_flops: float  # dense
+    host_chips: int  # chips per host (a smaller slice sits on one host)
 
     def chips_per_host(self, count: int) -> int:
-        if count <= self.single_host_max:
-            return count
         return min(count, self.host_chips)
 
 
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 32 * GIB, 275e12, 4),
-    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 4, single_host_max=8),
-    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 4),
-    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 4, single_host_max=8),
+    "v5e": Chip("TPU v5e", 16 * 10**9, 197e12, 8),
+    "v5p": Chip("TPU v5p", 95 * 10**9, 459e12, 4),
+    "v6e": Chip("TPU v6e", 32 * 10**9, 918e12, 8),
     "H100": Chip("NVIDIA H100 SXM", 80 * 10**9, 989e12, 8),
     "H200": Chip("NVIDIA H200 SXM", 141 * 10**9, 989e12, 8),
     "A100": Chip("NVIDIA A100 SXM 80GB", 80 * 10**9, 312e12, 8),
@@ -371,10 +368,12 @@ def analyse(compiled, args) -> Compiled:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
-    in_shardings = compiled.input_shardings[0][1]
+    # The program's own input shardings; a parameter it never reads (a mask token) is pruned
+    # (None) but still lives on the devices as placed.
+    in_shardings = jax.tree.leaves(compiled.input_shardings[0][1], is_leaf=lambda s: s is None)
     backbone = sum(
-        sharding.shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
-        for x, s in zip(jax.tree.leaves(args[1]), jax.tree.leaves(in_shardings), strict=True)
+        sharding.shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s or x.sharding))
+        for x, s in zip(jax.tree.leaves(args[1]), in_shardings, strict=True)
     )
     return Compiled(
         flops=float(cost.get("flops", 0.0)),
