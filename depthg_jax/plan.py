@@ -144,7 +144,7 @@ def _plan_at(config, chip_name, count, utilisation, auto_mesh, compile_, model) 
             f"the planner needs {count} simulated devices but JAX started with "
             f"{jax.device_count()}: run it as its own process (python -m depthg_jax.plan)"
         )
-    compiled = planning.compile_step(config, sharding.make_mesh(model=model), table)
+    compiled = compile_step(config, sharding.make_mesh(model=model), table)
     step_s = compiled.flops / (chip.peak_bf16_flops * utilisation)
     rate = config.train.batch_size / step_s / result["hosts"]
     result.update(
@@ -199,6 +199,70 @@ def format_plan(p: dict) -> str:
         f"PNG) that is {p['host_cpu_cores']:.1f} CPU cores",
     ]
     return "\n".join(lines)
+
+
+def abstract_step_inputs(config, mesh, table: list | None = None):
+    """(program, args, static kwargs) of the configured step for abstract inputs on `mesh`:
+    the backbone split by the rules, state and hyperparameters replicated, the batch on
+    'data'. `table`: a sweep's members (the population step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from depthg_jax.method import objective as objective_lib
+    from depthg_jax.models import model as model_lib
+    from depthg_jax.models import partitioning
+    from depthg_jax.runtime import sharding
+    from depthg_jax.training import planning, population
+    from depthg_jax.training import step as step_lib
+
+    spec = model_lib.ModelSpec.from_config(config)
+    dtype = str(config.model.get("backbone_param_dtype", "float32"))
+    shapes = planning.backbone_shapes(spec.variant)
+    backbone = partitioning.abstract_backbone(shapes, mesh, dtype)
+    replicated = sharding.replicated(mesh)
+    hp = objective_lib.hparams(config)
+    if table:
+        objective = population.shared_objective(config, table)
+        program = population.make_population_step("jit", spec, objective, mesh)
+        hp = population.member_hparams(table)
+        make_state = lambda: step_lib.create_population_state(  # noqa: E731
+            spec, objective_lib.hparams(config), jax.random.key(0), len(table)
+        )
+    else:
+        objective = objective_lib.Objective.from_config(config)
+        program = step_lib.make_train_step("jit", spec, objective, mesh)
+        make_state = lambda: step_lib.create_train_state(spec, hp, jax.random.key(0))  # noqa: E731
+
+    def on(tree, sharding_):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree
+        )
+
+    state = on(jax.eval_shape(make_state), replicated)
+    key = on(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    hp = on(jax.eval_shape(lambda: hp), replicated)
+    b, r = config.train.batch_size, config.data.train_res
+    batched = sharding.batch_sharding(mesh)
+    fields = {"image": ((b, r, r, 3), jnp.uint8), "depth": ((b, r, r), jnp.float32),
+              "label": ((b, r, r), jnp.int32)}  # fmt: skip
+    batch = {}
+    for name, (shape, dt) in fields.items():
+        batch[name] = jax.ShapeDtypeStruct(shape, dt, sharding=batched)
+        batch[f"{name}_pos"] = jax.ShapeDtypeStruct(shape, dt, sharding=batched)
+    num_side = objective.samples_at(0)
+    return program, (state, backbone, batch, key, hp), {"num_side": num_side}
+
+
+
+
+def compile_step(config, mesh, table: list | None = None):
+    """Lowers and compiles the configured step for abstract inputs on `mesh` (no allocation);
+    XLA's analyses of it (planning.Compiled)."""
+    from depthg_jax.training import planning
+
+    program, args, kwargs = abstract_step_inputs(config, mesh, table)
+    compiled = program.lower(*args, **kwargs).compile()
+    return planning.analyse(compiled, args)
 
 
 def format_duration(seconds: float) -> str:

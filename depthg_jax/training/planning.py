@@ -9,10 +9,9 @@ activations the step keeps. Training checks it against the device's memory at st
 (`check_fits`), a sweep against its budget (training/sweep.py), and the planner against a
 chip's HBM before it compiles anything (`depthg_jax.plan`).
 
-`compile_step` lowers and compiles the real step program for abstract inputs on the current
-devices (the planner runs on simulated CPU devices of the target mesh's shape) and reads XLA's
-memory and cost analyses: argument, output and temporary bytes per device and FLOPs per
-device per step.
+`analyse` reads XLA's memory and cost analyses of a compiled step: argument, output and
+temporary bytes per device and FLOPs per device per step (the planner compiles the real step
+for abstract inputs on simulated CPU devices of the target mesh's shape, depthg_jax/plan.py).
 
 `CHIPS` lists the accelerators the planner knows: HBM and peak dense bf16 FLOP/s per chip as
 their vendors publish them (docs/pods.md#chips gives the sources), and chips per host.
@@ -189,13 +188,6 @@ def estimate(config, data: int, model: int, members: int = 0) -> Estimate:
     )
 
 
-def members_of(config) -> int:
-    """A sweep's member count (0: a single run)."""
-    from depthg_jax.training import sweep
-
-    return len(sweep.member_table(config)) if sweep.is_sweep(config) else 0
-
-
 # --------------------------------------------------------------------------------------
 # Meshes that fit
 # --------------------------------------------------------------------------------------
@@ -282,57 +274,6 @@ def check_fits(config, mesh, members: int = 0) -> Estimate:
 # --------------------------------------------------------------------------------------
 
 
-def abstract_step_inputs(config, mesh, table: list | None = None):
-    """(program, args, static kwargs) of the configured step for abstract inputs on `mesh`:
-    the backbone split by the rules, state and hyperparameters replicated, the batch on
-    'data'. `table`: a sweep's members (the population step)."""
-    import jax
-    import jax.numpy as jnp
-
-    from depthg_jax.method import objective as objective_lib
-    from depthg_jax.models import model as model_lib
-    from depthg_jax.models import partitioning
-    from depthg_jax.runtime import sharding
-    from depthg_jax.training import population
-    from depthg_jax.training import step as step_lib
-
-    spec = model_lib.ModelSpec.from_config(config)
-    dtype = str(config.model.get("backbone_param_dtype", "float32"))
-    backbone = partitioning.abstract_backbone(backbone_shapes(spec.variant), mesh, dtype)
-    replicated = sharding.replicated(mesh)
-    hp = objective_lib.hparams(config)
-    if table:
-        objective = population.shared_objective(config, table)
-        program = population.make_population_step("jit", spec, objective, mesh)
-        hp = population.member_hparams(table)
-        make_state = lambda: step_lib.create_population_state(  # noqa: E731
-            spec, objective_lib.hparams(config), jax.random.key(0), len(table)
-        )
-    else:
-        objective = objective_lib.Objective.from_config(config)
-        program = step_lib.make_train_step("jit", spec, objective, mesh)
-        make_state = lambda: step_lib.create_train_state(spec, hp, jax.random.key(0))  # noqa: E731
-
-    def on(tree, sharding_):
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree
-        )
-
-    state = on(jax.eval_shape(make_state), replicated)
-    key = on(jax.eval_shape(lambda: jax.random.key(0)), replicated)
-    hp = on(jax.eval_shape(lambda: hp), replicated)
-    b, r = config.train.batch_size, config.data.train_res
-    batched = sharding.batch_sharding(mesh)
-    fields = {"image": ((b, r, r, 3), jnp.uint8), "depth": ((b, r, r), jnp.float32),
-              "label": ((b, r, r), jnp.int32)}  # fmt: skip
-    batch = {}
-    for name, (shape, dt) in fields.items():
-        batch[name] = jax.ShapeDtypeStruct(shape, dt, sharding=batched)
-        batch[f"{name}_pos"] = jax.ShapeDtypeStruct(shape, dt, sharding=batched)
-    num_side = objective.samples_at(0)
-    return program, (state, backbone, batch, key, hp), {"num_side": num_side}
-
-
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """XLA's analyses of one compiled step, per device."""
@@ -348,13 +289,6 @@ class Compiled:
     def total_bytes(self) -> int:
         """Live bytes at the peak: arguments, temporaries, and outputs not aliasing an input."""
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
-
-
-def compile_step(config, mesh, table: list | None = None) -> Compiled:
-    """Lowers and compiles the configured step for abstract inputs on `mesh`; no allocation."""
-    program, args, kwargs = abstract_step_inputs(config, mesh, table)
-    compiled = program.lower(*args, **kwargs).compile()
-    return analyse(compiled, args)
 
 
 def analyse(compiled, args) -> Compiled:
