@@ -48,6 +48,7 @@ def run_steps(config, mesh, batches):
     k_backbone, k_state, k_step = jax.random.split(jax.random.key(0), 3)
     backbone = partitioning.load_backbone(config.model, k_backbone, mesh)
     state = sharding.replicate(step_lib.create_train_state(spec, hp, k_state), mesh)
+    k_step = jax.device_put(k_step, sharding.replicated(mesh))
     program = make_program(config, mesh)
     losses = []
     for batch in batches:
