@@ -176,9 +176,8 @@ def test_bfloat16_parameters_halve_the_backbone_and_keep_bf16_compute_results(re
         backbone_f32
     )
     # bf16 compute already rounds the weights to bf16 in every matmul: holding them in bf16
-    # changes only the LayerNorm/position arithmetic's rounding.
+    # changes at most the rounding of the learned-position resize (DINO; none with RoPE).
     np.testing.assert_allclose(losses_bf16, losses_f32, rtol=2e-2, atol=2e-2)
-    assert losses_bf16 != losses_f32  # the dtype was really applied
 
 
 def test_rules_split_every_parameter_of_every_family():
