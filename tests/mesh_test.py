@@ -183,7 +183,8 @@ def test_bfloat16_parameters_halve_the_backbone_and_keep_bf16_compute_results(re
 def test_rules_split_every_parameter_of_every_family():
     """Every parameter of every family's test variant has a rule that splits it on an axis
     that divides by 8, and the rules table names the tensor-parallel layout."""
-    for variant in ("mu/8", "v2-mug/14", "v2reg-mu/14", "v3-mu/16", "v3-mu+/16"):
+    tiny = ["mu/8", "v2-mug/14", "v2reg-mu/14", "v3-mu/16", "v3-mu+/16", SEVEN_B_TINY]
+    for variant in [v for v in tiny if v in variants.VARIANTS]:
         shapes = planning.backbone_shapes(variant)
         specs = partitioning.backbone_specs(shapes, 8)
         flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(
