@@ -7,6 +7,7 @@ is training/step.py's; the exports go through training/exports.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -35,6 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     hp = objective_lib.hparams(config)
     objective = objective_lib.Objective.from_config(config)
+    if not loop.train_has_labels(config):
+        print("The training split has no labels: the linear probe is skipped", flush=True)
+        objective = dataclasses.replace(objective, linear_probe=False)
     run = loop.start_run(
         config,
         workdir,
