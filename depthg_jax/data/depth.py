@@ -580,7 +580,7 @@ class JaxPredictor:
 
         self.jm = jm
         self.mesh = sharding.make_mesh(jax.local_devices())
-        n = self.mesh.devices.size
+        n = sharding.data_size(self.mesh)
         self.batch = -(-batch_size // n) * n  # padded to a multiple of the local devices
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.params = jax.device_put(jm.params, sharding.replicated(self.mesh))
