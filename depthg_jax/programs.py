@@ -284,6 +284,21 @@ def _segmenter_forward(s: Shapes) -> Lowerable:
                      {"spec": s.spec, "flip": True, "probe": "cluster"})  # fmt: skip
 
 
+def _depth_anything(s: Shapes) -> Lowerable:
+    """The depth command's JAX forward: Depth Anything V2 Small on a batch of COCO-sized
+    (518 x 686) uint8 images, flip TTA on, as `python -m depthg_jax.data.depth` runs it."""
+    from depthg_jax.data import depth
+    from depthg_jax.models import depth_anything as da
+
+    spec = da.VARIANTS["da2-S"]
+    stats = (da.IMAGENET_MEAN, da.IMAGENET_STD, 1 / 255)
+    program = depth._jax_forward(spec, "float32", True, stats, s.mesh)
+    images = _struct((8, 518, 518, 3), jnp.float32)
+    params = jax.eval_shape(da.DepthAnything(spec).init, jax.random.key(0), images)["params"]
+    batch = s.batch(x=((4 * s.mesh.devices.size, 518, 686, 3), jnp.uint8))["x"]
+    return Lowerable("depth_anything", xla.as_jax_jit(program), (s.replicate(params), batch))
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     name: str
@@ -329,6 +344,8 @@ ENTRIES = (
           ("depthg_jax.training.loop:heldout_terms",), _heldout_terms),
     Entry("segmenter_forward", "the Python API's (and segment's) batch with flip",
           ("depthg_jax.inference:_forward",), _segmenter_forward),
+    Entry("depth_anything", "the depth command's Depth Anything V2 forward (flip TTA)",
+          ("depthg_jax.data.depth:_jax_forward",), _depth_anything),
     Entry("portable_inference", "the portable artifact's function (params as arguments here; "
           "the artifact holds them as constants)",
           ("depthg_jax.runtime.portable:inference_program.infer",
