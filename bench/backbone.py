@@ -115,8 +115,39 @@ def bench_variant(variant: str, batch: int, size: int, repeats: int, dtype) -> f
     return gflops / ours_s
 
 
+def bench_attention(variant: str, batch: int, size: int, repeats: int, dtype, impls) -> None:
+    """The backbone forward under each attention implementation (models/vit.py ATTENTIONS),
+    interleaved round by round; prints medians and each one's time over the first's."""
+    spec = get_variant(variant)
+    size = size // spec.patch * spec.patch
+    images = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    )
+    params = jax.device_put(build_backbone(variant).init(jax.random.key(0), images[:1])["params"])
+    programs = {
+        impl: xla.jit(lambda p, x, impl=impl: build_backbone(variant, dtype, impl).apply(
+            {"params": p}, x))
+        for impl in impls
+    }  # fmt: skip
+    for program in programs.values():
+        program(params, images).block_until_ready()
+    times = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl, program in programs.items():
+            times[impl].append(timed(lambda program=program: program(params, images)
+                                     .block_until_ready()))  # fmt: skip
+    medians = {impl: statistics.median(t) for impl, t in times.items()}
+    first = impls[0]
+    parts = [f"{i} {m:.3f} s ({m / medians[first]:.2f}x {first})" for i, m in medians.items()]
+    print(f"{variant} {size}px batch {batch} {jnp.dtype(dtype).name} attention: "
+          + ", ".join(parts), flush=True)  # fmt: skip
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--attentions", default="", help="e.g. explicit,xla: time these implementations instead"
+    )
     parser.add_argument("--variants", default="S/8,B/8")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
@@ -130,6 +161,12 @@ def main():
         f"os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+    if args.attentions:
+        for variant in args.variants.split(","):
+            bench_attention(variant, args.batch, args.size, args.repeats,
+                            jnp.dtype(args.dtype), args.attentions.split(","))  # fmt: skip
+        print(f"load average at end {os.getloadavg()[0]:.1f}")
+        return
     rates = {}
     for variant in args.variants.split(","):
         rates[variant] = bench_variant(

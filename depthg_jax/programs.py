@@ -105,7 +105,9 @@ class Shapes:
         self.config = config
         self.mesh = sharding.make_mesh() if mesh is None else mesh
         self.members = members or SWEEP_MEMBERS
-        self.spec = model_lib.ModelSpec.from_config(config)
+        # The XLA attention path: what "auto" runs on TPU (a CPU host would trace the einsum
+        # path, a CUDA host cuDNN's), so the TPU/CUDA lowerings check the path those run.
+        self.spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), attention="xla")
         self.replicated = sharding.replicated(self.mesh)
         self.batched = sharding.batch_sharding(self.mesh)
 

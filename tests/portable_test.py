@@ -163,7 +163,7 @@ def test_cudnn_attention_is_never_baked_in(export_dir, monkeypatch):
 
     config, params = checkpoint.load_export(export_dir)
     spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), dtype="bfloat16")
-    assert spec.backbone.resolved_attention() == "xla"  # on this CPU
+    assert spec.backbone.resolved_attention() == "explicit"  # on this CPU
     monkeypatch.setattr(vit, "backend_platform", lambda: "cuda")
     assert spec.backbone.resolved_attention() == "cudnn"
     assert portable.portable_spec(spec).backbone.resolved_attention() == "xla"

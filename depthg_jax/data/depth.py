@@ -544,11 +544,9 @@ def _jax_forward(spec: Any, dtype: str, flip_tta: bool, stats: tuple, mesh: Any)
     from depthg_jax.models import depth_anything as da
     from depthg_jax.runtime import sharding, xla
 
-    # On XLA:CPU the einsum/softmax attention beats jax.nn.dot_product_attention's XLA path
-    # (the whole Small model: 2.8 against 3.4 CPU-s per 518x686 image, bench/RESULTS.md);
-    # elsewhere the ViT picks (cuDNN flash attention on CUDA in bfloat16).
-    attention = "explicit" if jax.default_backend() == "cpu" else "auto"
-    model = da.DepthAnything(spec, jnp.dtype(dtype), attention=attention)
+    # The ViT picks the attention for the platform ("auto": the einsum path on a CPU, cuDNN
+    # flash attention on CUDA in bfloat16, XLA's elsewhere).
+    model = da.DepthAnything(spec, jnp.dtype(dtype))
     table = da.normalisation_table(*stats)
     exact = jnp.dtype(dtype) == jnp.float32  # float32 at full matmul precision everywhere
 

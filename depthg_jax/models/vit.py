@@ -235,9 +235,12 @@ def attention_implementation(
     """Which attention runs: "cudnn", "xla" or "explicit", for a platform (``backend_platform``
     names), compute dtype, head width and requested implementation (one of ``ATTENTIONS``).
 
-    "auto" is cuDNN's flash attention on CUDA when the dtype and head width allow it, else
-    ``jax.nn.dot_product_attention``'s XLA path (also on TPU: its lowering is plain HLO, so
-    exported programs carry no custom call). "cudnn" where cuDNN cannot run is refused.
+    "auto" is cuDNN's flash attention on CUDA when the dtype and head width allow it; on a
+    CPU the explicit einsum/softmax path, which XLA:CPU runs faster than its
+    ``dot_product_attention`` (S/8 at 224 px 8%, the Depth Anything Small encoder at 518 px
+    ~20%: bench/RESULTS.md); elsewhere (TPU, CUDA in float32) ``jax.nn.dot_product_attention``'s
+    XLA path, whose lowering is plain HLO, so exported programs carry no custom call. "cudnn"
+    where cuDNN cannot run is refused.
     """
     if requested not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {requested!r}")
@@ -255,7 +258,7 @@ def attention_implementation(
         return "cudnn"
     if requested == "cudnn":
         raise ValueError(f"attention='cudnn' cannot run here: {'; '.join(why_not)}")
-    return "xla"
+    return "explicit" if platform == "cpu" else "xla"
 
 
 def attend(
