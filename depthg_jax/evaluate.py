@@ -7,7 +7,7 @@ import os
 import tempfile
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from depthg_jax import commands
@@ -113,7 +113,6 @@ def check_writable(out_dir: str) -> None:
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.checkpoint:
