@@ -1,4 +1,5 @@
-"""Picture summaries written during training: image | depth | cluster prediction | label."""
+"""Picture summaries written during training: image | depth | prediction | label, with column
+titles, the depth colour scale (near to far) and the class colours named underneath."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ import ml_collections
 import numpy as np
 
 from depthg_jax.data import palette
+from depthg_jax.evaluation import pictures
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import files
 
+# Depth maps hold 0 = nearest .. 255 = farthest; near is drawn bright (viridis yellow).
+DEPTH_ENDS = ("near", "far")
+MIN_TILE = 112  # tiles narrower than this are enlarged (nearest) so their titles fit
+
 
 def colorize_depth(depth: np.ndarray) -> np.ndarray:
-    """Depth (H, W) in [0, 255], 0 = nearest, as a grey RGB image (near = bright)."""
-    grey = (255 - np.clip(depth, 0, 255)).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    """Depth (H, W) in [0, 255], 0 = nearest, as RGB: viridis, near yellow, far dark purple."""
+    near_to_far = np.clip(np.asarray(depth, np.float64), 0, 255) / 255.0
+    return pictures.apply_colour_map(1.0 - near_to_far)
 
 
 def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
@@ -33,6 +39,90 @@ def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
     return grid
 
 
+def titled_grid(
+    rows: list[list[np.ndarray]],
+    titles: list[str],
+    *,
+    depth_column: int | None = None,
+    classes: tuple[list[str], np.ndarray] | None = None,
+    pad: int = 2,
+) -> np.ndarray:
+    """make_grid with a title above each column, a near-to-far colour scale under the depth
+    column's title, and the class colours named underneath (classes: (names, colours))."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    scale = -(-MIN_TILE // w) if w < MIN_TILE else 1
+    if scale > 1:
+        rows = [[tile.repeat(scale, 0).repeat(scale, 1) for tile in row] for row in rows]
+        h, w = h * scale, w * scale
+    body = make_grid(rows, pad)
+    title_size = 13
+    title_h = pictures.text_size("Ag", title_size)[1] + 8
+    legend_h = 16 if depth_column is not None else 0
+    header = Image.new("RGB", (body.shape[1], title_h + legend_h), pictures.BACKGROUND)
+    draw = ImageDraw.Draw(header)
+    for c, title in enumerate(titles):
+        x = pad + c * (w + pad)
+        pictures.draw_text(draw, (x + w // 2, 4), title, title_size, anchor="ma")
+        if c == depth_column:
+            near, far = DEPTH_ENDS
+            near_w = pictures.text_size(near, 10)[0] + 4
+            bar_len = max(w - near_w - pictures.text_size(far, 10)[0] - 4, 8)
+            y = title_h + legend_h // 2
+            pictures.draw_text(draw, (x, y), near, 10, anchor="lm")
+            bar = pictures.colour_bar(bar_len, 8, pictures.VIRIDIS, reverse=True)
+            header.paste(Image.fromarray(bar), (x + near_w, y - 4))
+            pictures.draw_text(draw, (x + near_w + bar_len + 4, y), far, 10, anchor="lm")
+    parts = [np.asarray(header), body]
+    if classes is not None:
+        names, colours = classes
+        parts.append(pictures.class_legend(names, colours, body.shape[1]))
+    return np.concatenate(parts, axis=0)
+
+
+def render_image_summary(
+    params: dict,
+    config: ml_collections.ConfigDict,
+    loader,
+    val_result: dict | None,
+    max_images: int = 4,
+) -> np.ndarray | None:
+    """The grid of the first evaluation batch: image | depth | prediction | label (the label
+    column only when the batch has labelled pixels); None without valid images.
+
+    Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
+    one is given, so prediction and label colours agree (the title says which).
+    """
+    batch = next(iter(loader))
+    valid = np.asarray(batch["valid"], bool)
+    images = np.asarray(batch["image"])[valid][:max_images]
+    if len(images) == 0:
+        return None
+    out = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), False)
+    clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
+    prediction = "prediction (cluster ids)"
+    if val_result is not None and "assignment" in val_result["cluster"]:
+        clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]
+        prediction = "prediction (matched)"
+    names = palette.class_names(config.data.name, config.data.n_classes)
+    colours = palette.palette_for(config.data.name, config.data.n_classes)
+    depth = np.asarray(batch["depth"])[valid][: len(images)]
+    labels = batch.get("label")
+    if labels is not None:
+        labels = np.asarray(labels)[valid][: len(images)]
+        if not ((labels >= 0) & (labels < config.data.n_classes)).any():
+            labels = None  # no labelled pixel: no label column
+    titles = ["image", "depth", prediction] + (["label"] if labels is not None else [])
+    rows = []
+    for i in range(len(images)):
+        row = [images[i], colorize_depth(depth[i]), palette.colorize(clusters[i], colours)]
+        if labels is not None:
+            row.append(palette.colorize(labels[i], colours))
+        rows.append(row)
+    return titled_grid(rows, titles, depth_column=1, classes=(names, colours))
+
+
 def write_image_summary(
     workdir: str,
     step: int,
@@ -41,37 +131,15 @@ def write_image_summary(
     loader,
     val_result: dict | None,
     max_images: int = 4,
-) -> str | None:
-    """Writes `<workdir>/images/step_<step>.png` from the first evaluation batch (process 0).
-
-    Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
-    one is given, so prediction and label colours agree.
-    """
+) -> np.ndarray | None:
+    """Writes `<workdir>/images/step_<step>.png` (render_image_summary) on process 0 and
+    returns the grid (None on other processes or without valid images)."""
     if jax.process_index() != 0:
         return None
-    batch = next(iter(loader))
-    valid = np.asarray(batch["valid"], bool)
-    images = np.asarray(batch["image"])[valid][:max_images]
-    if len(images) == 0:
+    grid = render_image_summary(params, config, loader, val_result, max_images)
+    if grid is None:
         return None
-    out = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), False)
-    clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
-    if val_result is not None and "assignment" in val_result["cluster"]:
-        clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]
-    colours = palette.palette_for(config.data.name, config.data.n_classes)
-    depth = np.asarray(batch["depth"])[valid][: len(images)]
-    labels = np.asarray(batch["label"])[valid][: len(images)]
-    rows = [
-        [
-            images[i],
-            colorize_depth(depth[i]),
-            palette.colorize(clusters[i], colours),
-            palette.colorize(labels[i], colours),
-        ]
-        for i in range(len(images))
-    ]
     directory = os.path.join(workdir, "images")
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step:06d}.png")
-    files.save_image_atomic(path, make_grid(rows))
-    return path
+    files.save_image_atomic(os.path.join(directory, f"step_{step:06d}.png"), grid)
+    return grid
