@@ -1,5 +1,8 @@
-"""Picture summaries written during training: image | depth | prediction | label, with column
-titles, the depth colour scale (near to far) and the class colours named underneath."""
+"""What a run shows besides its scalars: picture grids (image | depth | prediction | label, with
+column titles, the depth colour scale from near to far and the class colours named underneath)
+written to `<workdir>/images/`, and for TensorBoard the resolved config as text, the
+hyperparameters of the run or of each sweep member (HParams dashboard), and at each
+validation the picture grid and the confusion pictures."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from depthg_jax import config as config_lib
 from depthg_jax.data import palette
-from depthg_jax.evaluation import pictures
+from depthg_jax.evaluation import pictures, reports
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import files
 
@@ -124,7 +128,7 @@ def render_image_summary(
 
 
 def write_image_summary(
-    workdir: str,
+    workdir: str | None,
     step: int,
     params: dict,
     config: ml_collections.ConfigDict,
@@ -132,14 +136,72 @@ def write_image_summary(
     val_result: dict | None,
     max_images: int = 4,
 ) -> np.ndarray | None:
-    """Writes `<workdir>/images/step_<step>.png` (render_image_summary) on process 0 and
-    returns the grid (None on other processes or without valid images)."""
+    """Writes `<workdir>/images/step_<step>.png` (render_image_summary; no file when workdir is
+    None) on process 0 and returns the grid (None on other processes or without valid images)."""
     if jax.process_index() != 0:
         return None
     grid = render_image_summary(params, config, loader, val_result, max_images)
-    if grid is None:
-        return None
+    if grid is None or workdir is None:
+        return grid
     directory = os.path.join(workdir, "images")
     os.makedirs(directory, exist_ok=True)
     files.save_image_atomic(os.path.join(directory, f"step_{step:06d}.png"), grid)
     return grid
+
+
+# --------------------------------------------------------------------------------------
+# TensorBoard: the config, the hyperparameters, the pictures of each validation
+# --------------------------------------------------------------------------------------
+
+# The metrics the HParams dashboard shows beside each run's (or member's) hyperparameters.
+HPARAM_METRICS = (
+    "val/cluster_miou", "val/cluster_accuracy", "val/linear_miou", "val/linear_accuracy", "loss",
+)  # fmt: skip
+# Fields that tell runs apart besides the per-member ones (config.MEMBER_FIELDS).
+RUN_FIELDS = (
+    "objective", "model.variant", "model.dim", "data.name", "data.n_classes", "train.batch_size",
+    "train.num_steps", "seed",
+)  # fmt: skip
+
+
+def run_hparams(config: ml_collections.ConfigDict, settings: dict | None = None) -> dict:
+    """{field: value} of RUN_FIELDS and every per-member field (a member's `settings` win)."""
+    values = {name: config_lib.get_field(config, name) for name in RUN_FIELDS}
+    for name in config_lib.MEMBER_FIELDS:
+        values[name] = (settings or {}).get(name, config_lib.get_field(config, name))
+    return values
+
+
+def log_run_start(writer, config: ml_collections.ConfigDict, step: int, members=None) -> None:
+    """The resolved config as text and the hyperparameters: one HParams session for a single
+    run, one per member (members: the sweep table, [{"name", "settings"}])."""
+    text = "\n".join("    " + line for line in config.to_json(indent=2).splitlines())
+    writer.write_text("config", text, step)
+    if members is None:
+        sessions = {None: run_hparams(config)}
+    else:
+        sessions = {m["name"]: run_hparams(config, m["settings"]) for m in members}
+    writer.write_hparams(sessions, HPARAM_METRICS)
+
+
+def log_validation(
+    writer, step: int, result, config: ml_collections.ConfigDict, grid: np.ndarray | None = None
+) -> None:
+    """At a validation: the picture grid (if given) and each probe's confusion picture; for a
+    sweep (result: one per member, in the writer's member order) in each member's run."""
+    if not writer.active:
+        return
+    names = palette.class_names(config_lib.eval_data(config).name, config.data.n_classes)
+    if grid is not None:
+        writer.write_image("pictures", grid, step)
+    if isinstance(result, dict):
+        pairs = [(None, result)]
+    else:
+        pairs = list(zip(writer.members, result, strict=True))
+    for member, one in pairs:
+        for probe in ("cluster", "linear"):
+            if probe in one:
+                picture = reports.render_confusion(
+                    one[probe]["histogram"], names, title=reports.CONFUSION_TITLES[probe]
+                )
+                writer.write_image(f"confusion/{probe}", picture, step, member=member)

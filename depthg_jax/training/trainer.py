@@ -45,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"{workdir} already finished: {loop.RESULTS_FILE} kept", flush=True)
         return run.finished
     writer = MetricWriter(workdir)
+    summaries.log_run_start(writer, config, int(jax.device_get(run.state.step)))
     program = step_lib.make_train_step(config.train.parallelism, run.spec, objective, run.mesh)
     step_fn = step_lib.BoundStep(
         program, run.backbone_params, run.k_step, sharding.replicate(hp, run.mesh), objective
@@ -61,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.report_baselines:
         results.update(_baselines(run))
         print(reports.format_baselines(results), flush=True)
-    summaries.write_image_summary(
+    grid = summaries.write_image_summary(
         workdir,
         final_step,
         model_lib.full_params(run.backbone_params, state.params),
@@ -69,6 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.validate.loader(1),
         final,
     )
+    if outcome["last_val_step"] != final_step:  # a validation the loop did not log
+        summaries.log_validation(writer, final_step, final, config, grid)
     writer.write(final_step, results["trained"])
     writer.close()
     results["best"] = _export(run, state, final)
