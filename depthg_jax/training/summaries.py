@@ -106,7 +106,7 @@ def render_image_summary(
     out = model_lib.predict(params, images, model_lib.ModelSpec.from_config(config), False)
     clusters = np.asarray(jax.device_get(out["cluster_log_probs"])).argmax(-1)
     prediction = "prediction (cluster ids)"
-    if val_result is not None and "assignment" in val_result["cluster"]:
+    if val_result is not None and "assignment" in val_result.get("cluster", {}):
         clusters = np.asarray(val_result["cluster"]["assignment"])[clusters]
         prediction = "prediction (matched)"
     names = palette.class_names(config.data.name, config.data.n_classes)
@@ -200,7 +200,7 @@ def log_validation(
         pairs = list(zip(writer.members, result, strict=True))
     for member, one in pairs:
         for probe in ("cluster", "linear"):
-            if probe in one:
+            if "histogram" in one.get(probe, {}):  # scored on labels
                 picture = reports.render_confusion(
                     one[probe]["histogram"], names, title=reports.CONFUSION_TITLES[probe]
                 )
