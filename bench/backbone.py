@@ -4,7 +4,7 @@
   PYTHONPATH=. /work/main/.venv/bin/python bench/backbone.py \
       --variants=S/16,v2-S/14,v2reg-S/14,v3-S/16 --batch=2
 
-DINOv2/DINOv3 variants (built by `backbones.build_backbone`) have no timm reference here; for every
+DINOv2/DINOv3 variants (built by `vit.build_backbone`) have no timm reference here; for every
 variant the line also gives the forward's matmul FLOPs (counted from the shapes) and GFLOP/s,
 and, after the first (v1) variant, the ratio of each variant's GFLOP/s to it: "per FLOP"
 speed relative to our v1 forward.
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import convert_state_dict
-from depthg_jax.models.vit import get_variant, mlp_hidden
+from depthg_jax.models.variants import get_variant, mlp_hidden
+from depthg_jax.models.vit import build_backbone
 from depthg_jax.runtime import xla
 
 try:

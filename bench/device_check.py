@@ -11,7 +11,8 @@ Measures, on the first local device, with random weights and one random host bat
    reports one);
 2. the backbone's model FLOP utilisation: XLA's FLOP count of the forward on anchors and
    positives / its median time / the device's peak FLOP/s (a table by device kind, or
-   --peak_tflops);
+   --peak_tflops); the attention implementation the backbone runs is printed under the
+   header (cuDNN flash attention for bfloat16 on CUDA, XLA's dot_product_attention else);
 3. the share of the step spent in FPS: the jitted depth-guided FPS of the step, timed alone,
    over the step's time (and, with --trace_dir, a jax.profiler trace of one step);
 4. the sweep cost: the population step (depthg_jax.training.population) for P = 1, 8, 32, S/8;
@@ -158,10 +159,10 @@ def fps_seconds(config, runner, steps):
     import jax.numpy as jnp
 
     from depthg_jax.method import sampling
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
     from depthg_jax.runtime import xla
 
-    grid = config.data.train_res // vit.patch_size(config.model.variant)
+    grid = config.data.train_res // variants.patch_size(config.model.variant)
     depths = jnp.concatenate([runner.batch["depth"], runner.batch["depth_pos"]])
     fps = xla.jit(
         functools.partial(
@@ -263,6 +264,20 @@ def torch_rate(config, host_batch, steps):
     return config.train.batch_size / seconds, str(device)
 
 
+def attention_line(p: dict) -> str:
+    """Which attention the backbone runs here, per variant and dtype (attention="auto")."""
+    import jax.numpy as jnp
+
+    from depthg_jax.models import vit
+
+    chosen = [
+        f"{v} {dt}: {vit.build_backbone(v, jnp.dtype(dt)).resolved_attention()}"
+        for v in p["variants"]
+        for dt in p["dtypes"]
+    ]
+    return f"Backbone attention (auto, platform {vit.backend_platform()}): {', '.join(chosen)}."
+
+
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
     if args.smoke:
@@ -285,6 +300,7 @@ def main(argv=None) -> list[str]:
         f"jax {jax.__version__}, {dev.platform} {kind}, {jax.device_count()} device(s); "
         f"batch {p['batch']}, {p['res']} px, random weights, one random batch, "
         f"median of {steps} step(s).",
+        attention_line(p),
         "",
     ]
     skipped = []

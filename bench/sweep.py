@@ -40,12 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_config(variant: str, batch: int, res: int, num_members: int, dtype="float32"):
     from configs import coco
     from depthg_jax import config as base
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
 
     # COCO's settings for S/B variants; the base config for the tiny ones (--smoke, tests).
     config = coco.get_config(variant) if variant[:2] in ("S/", "B/") else base.get_config()
     config.model.variant = variant
-    side = res // vit.patch_size(variant)
+    side = res // variants.patch_size(variant)
     config.loss.feature_samples = min(config.loss.feature_samples, side)
     config.model.allow_random_backbone = True
     config.model.dtype = dtype

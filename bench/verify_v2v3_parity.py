@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import convert_state_dict, normalise_state_dict
-from depthg_jax.models.vit import get_variant, mlp_hidden
+from depthg_jax.models.variants import get_variant, mlp_hidden
+from depthg_jax.models.vit import build_backbone
 
 TOLERANCE = 1e-4
 

@@ -1,7 +1,8 @@
 """COCO-Stuff-27, the released DepthG runs (docs/settings.md).
 
 ViT-S/8 by default; ViT-B/8 with `--config=configs/coco.py:B/8`; DINOv2/v3 backbones with
-e.g. `--config=configs/coco.py:v2-B/14` (the same size's DINO v1 settings as a starting point).
+e.g. `--config=configs/coco.py:v2-B/14` (the same size's DINO v1 settings as a starting point;
+L, g, H+ and 7B, e.g. `:v3-7B/16`, start from the B/8 ones).
 `objective="reference"` reproduces the released code (published numbers); switch to the
 paper's intent with `--config.objective=corrected`.
 """

@@ -76,9 +76,9 @@ def _matmul_precisions() -> tuple:
 
 
 def _variants() -> tuple:
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
 
-    return tuple(sorted(vit.VARIANTS))
+    return tuple(sorted(variants.VARIANTS))
 
 
 def _weight(default: float, doc: str, hparam: str) -> Field:
@@ -433,7 +433,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     field against the table, then the rules between fields."""
     validate_fields(config)
     from depthg_jax.models import model as model_lib
-    from depthg_jax.models import vit
+    from depthg_jax.models import variants
 
     for name_field, root_field in (("name", "root"), ("eval_name", "eval_root")):
         name = config.data[name_field] or config.data.name
@@ -447,7 +447,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if not os.path.isdir(root):
             raise FileNotFoundError(f"config.data.{root_field}={root!r} is not a directory")
-    patch = vit.patch_size(config.model.variant)
+    patch = variants.patch_size(config.model.variant)
     for field in ("train_res", "eval_res"):
         res = config.data[field]
         if res % patch:

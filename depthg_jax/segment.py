@@ -35,7 +35,7 @@ from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
 from depthg_jax.evaluation import crf
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import vit
+from depthg_jax.models import variants
 from depthg_jax.runtime import checkpoint, files
 
 OVERLAY_ALPHA = 0.5
@@ -109,7 +109,7 @@ class Segmenter:
             config, params = checkpoint.load_export(checkpoint_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SegmentError(f"checkpoint {checkpoint_dir}: {e}") from e
-        patch = vit.patch_size(config.model.variant)
+        patch = variants.patch_size(config.model.variant)
         if res % patch or res <= 0:
             raise SegmentError(
                 f"--res={res} must be a positive multiple of the patch size {patch} "

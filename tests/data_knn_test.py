@@ -142,6 +142,7 @@ def test_the_knn_command_uses_the_trainer_s_backbone_on_imagenet_normalised_crop
     config = config_lib.get_config()
     config.model.variant, config.model.allow_random_backbone = "mu/8", True
     config.data.name, config.data.root, config.data.train_res = "directory", str(tmp_path), 16
+    config.data.num_neighbors = 3  # k=4 columns: the example itself and 3 neighbours
     path = knn.make_knn_table(config, per_device_batch=1, k=4)
     params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0])
     crops = np.stack([resize_center_crop(src[i], 16)["image"] for i in range(10)])

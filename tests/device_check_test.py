@@ -14,6 +14,7 @@ def test_device_check_smoke_runs_every_section_and_writes_markdown(tmp_path):
     lines = device_check.main(["--smoke", f"--out={out}", "--budget_s=1e6"])
     text = out.read_text()
     assert text.strip() == "\n".join(lines).strip()
+    assert "Backbone attention (auto, platform cpu): mu/8 bfloat16: xla." in lines
     rows = [line for line in lines if line.startswith("| mu/8 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["bfloat16"]
     for row in rows:

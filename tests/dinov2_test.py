@@ -8,21 +8,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 from transformers import (
+    Dinov2Backbone,
     Dinov2Config,
     Dinov2Model,
+    Dinov2WithRegistersBackbone,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
 )
 
-from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import (
     convert_state_dict,
     expected_shapes,
     load_state_dict,
     normalise_state_dict,
 )
-from depthg_jax.models.dinov2 import Dinov2ViT, resize_pos_embed_v2
-from depthg_jax.models.vit import VARIANTS, embed_dim, get_variant, patch_size
+from depthg_jax.models.variants import VARIANTS, embed_dim, get_variant, patch_size
+from depthg_jax.models.vit import Dinov2ViT, build_backbone
+from depthg_jax.models.vit import resize_pos_embed as resize_pos_embed_v2
 
 TOLERANCE = 1e-4  # fp32 parity bound asked of every family (measured: below 3e-5)
 # bf16 compute vs fp32, v2-S/14 and v2reg-S/14 (12 blocks, HF-random weights re-randomised),
@@ -291,9 +293,45 @@ def test_wrong_module_or_option_raises():
     x = jnp.zeros((1, 28, 28, 3))
     with pytest.raises(ValueError, match="'v3-mu/16' is a v3 variant"):
         Dinov2ViT("v3-mu/16").init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="build it with backbones.build_backbone"):
+    with pytest.raises(ValueError, match="build it with vit.build_backbone"):
         from depthg_jax.models.vit import DinoViT
 
         DinoViT("v2-mu/14").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="pos_interpolation must be one of"):
         Dinov2ViT("v2-mu/14", pos_interpolation="timm").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("variant", ["v2-mu/14", "v2reg-mu/14"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_intermediate_tokens_match_transformers_backbone(variant, norm):
+    """intermediate_tokens(layers) == Dinov2Backbone / Dinov2WithRegistersBackbone feature
+    maps (out_features "stage{i}", reshape_hidden_states=False): every token, CLS first."""
+    spec = get_variant(variant)
+    cls, config = hf_config(
+        variant, out_features=["stage1", "stage2"], apply_layernorm=norm,
+        reshape_hidden_states=False,
+    )  # fmt: skip
+    backbone = {Dinov2Model: Dinov2Backbone, Dinov2WithRegistersModel: Dinov2WithRegistersBackbone}
+    torch.manual_seed(3)
+    model = backbone[cls](config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    params = convert_state_dict(normalise_state_dict(numpy_state(model)), variant)
+    x = images((2, 322, 280, 3), seed=5)  # a resized, non-square grid (23 x 20)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).permute(0, 3, 1, 2)).feature_maps
+    vit = Dinov2ViT(variant, pos_interpolation="transformers")
+    for layers, want in [((1, 2), ref), ((2,), ref[1:]), ((2, 1), ref[::-1])]:
+        ours = jax.jit(
+            lambda p, x, layers=layers: vit.apply(
+                {"params": p}, x, layers=layers, norm=norm, method="intermediate_tokens"
+            )
+        )(params, x)
+        assert isinstance(ours, tuple) and len(ours) == len(layers)
+        for got, exp in zip(ours, want, strict=True):
+            assert got.shape == (2, 1 + spec.registers + 23 * 20, spec.dim)
+            assert got.dtype == jnp.float32
+            # 1e-5 on LayerNorm-ed tokens; the raw ones (up to ~10 here) relative to their size
+            scale = 1.0 if norm else float(np.abs(exp.numpy()).max())
+            np.testing.assert_allclose(got, exp.numpy(), atol=1e-5 * scale, rtol=0)

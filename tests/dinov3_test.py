@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTBackbone, DINOv3ViTConfig, DINOv3ViTModel
 
 from depthg_jax.models import convert
-from depthg_jax.models.backbones import build_backbone
 from depthg_jax.models.convert import (
     convert_state_dict,
     expected_shapes,
     load_state_dict,
     normalise_state_dict,
 )
-from depthg_jax.models.dinov3 import Dinov3ViT, rope_periods
-from depthg_jax.models.vit import VARIANTS, embed_dim, get_variant, patch_size
+from depthg_jax.models.variants import VARIANTS, embed_dim, get_variant, patch_size
+from depthg_jax.models.vit import Dinov3ViT, build_backbone, rope_periods
 
 TOLERANCE = 1e-4  # fp32 parity bound (measured: below 3e-5)
 # bf16 compute vs fp32, v3-S/16 (12 blocks, HF-random weights re-randomised), N(0, 1) images
@@ -185,7 +184,11 @@ def test_bf16_forward_error():
     assert float(err.mean()) <= BF16_MEAN
 
 
-V3_VARIANTS = sorted(v for v in VARIANTS if get_variant(v).family == "v3" and "H+" not in v)
+# The 7B's zero state dict alone would be 27 GB: its shapes follow the same code as v3-mu7B,
+# and tests/convert_v2v3_test.py checks its full-size layout abstractly.
+V3_VARIANTS = sorted(
+    v for v in VARIANTS if get_variant(v).family == "v3" and "H+" not in v and "7B/" not in v
+)
 
 
 @pytest.mark.parametrize("variant", V3_VARIANTS)
@@ -240,3 +243,29 @@ def test_dinov3_weights_are_local_only(tmp_path, capsys):
     assert "gated" in err and "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in err
     assert "facebook/dinov3-vits16-pretrain-lvd1689m" in err and "--weights=FILE" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_intermediate_tokens_match_transformers_backbone():
+    """intermediate_tokens' patch tokens == DINOv3ViTBackbone's feature maps (stage i = block
+    i's output, LayerNorm-ed, reshape_hidden_states=False); CLS and storage tokens lead."""
+    spec = get_variant("v3-mu/16")
+    torch.manual_seed(4)
+    config = DINOv3ViTConfig(
+        hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
+        intermediate_size=spec.mlp_hidden, num_register_tokens=spec.registers,
+        out_features=["stage1", "stage2"], apply_layernorm=True, reshape_hidden_states=False,
+    )  # fmt: skip
+    model = DINOv3ViTBackbone(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    params = convert_state_dict(normalise_state_dict(numpy_state(model)), "v3-mu/16")
+    x = images((2, 96, 160, 3), seed=7)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).permute(0, 3, 1, 2)).feature_maps
+    ours = Dinov3ViT("v3-mu/16").apply(
+        {"params": params}, x, layers=(1, 2), method="intermediate_tokens"
+    )
+    for got, exp in zip(ours, ref, strict=True):
+        assert got.shape == (2, 1 + spec.registers + 6 * 10, spec.dim)
+        np.testing.assert_allclose(got[:, 1 + spec.registers :], exp.numpy(), atol=1e-5, rtol=0)

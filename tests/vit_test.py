@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from depthg_jax.models.convert import convert_state_dict, expected_shapes
-from depthg_jax.models.vit import (
-    VARIANTS,
-    DinoViT,
-    embed_dim,
-    patch_size,
-    resize_pos_embed,
-)
+from depthg_jax.models.variants import VARIANTS, embed_dim, patch_size
+from depthg_jax.models.vit import DinoViT, build_backbone, resize_pos_embed
 
 GOLDENS = Path(__file__).parent / "goldens"
 # fp32 agreement with timm measured at <= 1.7e-6 on these goldens (features up to ~3.8).
@@ -174,3 +170,35 @@ def test_unknown_variant_raises():
         DinoViT("L/14").init(jax.random.key(0), jnp.zeros((1, 14, 14, 3)))
     with pytest.raises(ValueError, match="known variants"):
         patch_size("S8")
+
+
+@pytest.mark.parametrize("variant", ["mu/8", "v2reg-mu/14", "v3-mu/16"])
+def test_intermediate_tokens_last_block_is_the_forward(variant):
+    """The last block's normed tokens are the forward's features (plus CLS and registers);
+    norm=False gives the raw tokens, whose final LayerNorm is the normed ones."""
+    spec = VARIANTS[variant]
+    p = spec.patch
+    x = np.random.default_rng(3).standard_normal((2, 3 * p, 2 * p, 3)).astype(np.float32)
+    model = build_backbone(variant)
+    params = model.init(jax.random.key(0), x)["params"]
+    feats = model.apply({"params": params}, x)
+    last, first = model.apply(
+        {"params": params}, x, layers=(spec.depth, 1), method="intermediate_tokens"
+    )
+    assert last.shape == (2, 1 + spec.registers + 6, spec.dim) and last.dtype == jnp.float32
+    np.testing.assert_array_equal(last[:, 1 + spec.registers :].reshape(feats.shape), feats)
+    (raw,) = model.apply(
+        {"params": params}, x, layers=(spec.depth,), norm=False, method="intermediate_tokens"
+    )
+    norm = flax.linen.LayerNorm(epsilon=spec.layernorm_eps)
+    np.testing.assert_allclose(norm.apply({"params": params["norm"]}, raw), last, atol=1e-6)
+    assert np.abs(first - last).max() > 1e-3 or spec.depth == 1
+
+
+def test_intermediate_tokens_refuse_bad_layers():
+    model = build_backbone("v2-mu/14")
+    x = jnp.zeros((1, 28, 28, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    for layers in [(0,), (3,), ()]:
+        with pytest.raises(ValueError, match=r"block numbers in 1\.\.2 for 'v2-mu/14'"):
+            model.apply({"params": params}, x, layers=layers, method="intermediate_tokens")

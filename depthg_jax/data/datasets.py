@@ -54,6 +54,15 @@ Dataset layouts (``root`` is the folder given as ``data.root``)
   ``labelled_train.txt`` (train), ``unlabelled_train.txt``, ``labelled_test.txt`` (val),
   ``all.txt``. Fine -> coarse: roads+cars 0, buildings+clutter 1, trees+vegetation 2.
 * ``synthetic``: ``directory`` on a root written by `depthg_jax.data.synthetic`.
+
+Ids stay inside the root
+------------------------
+An id, whether read from a list file (COCO's curated lists, Potsdam's split lists) or found on
+disk, must be a relative path without ``..`` parts; the image and label file it names, with
+symlinks resolved, must lie inside its layout folder (``images/<split>``, ``imgs``,
+``annotations/<split dir>``...) resolved the same way. So a symlinked folder (``images`` ->
+``/big/disk/coco/images``) works, while an id or a per-file symlink that leads outside is an
+error naming the list, the id and the root, before anything is read.
 """
 
 from __future__ import annotations
@@ -64,7 +73,6 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from depthg_jax.data import assets, images
 
@@ -104,13 +112,10 @@ class Record:
 # --- Readers ---------------------------------------------------------------------------------
 
 
-def read_label_png(path: str) -> np.ndarray:
-    """Reads a label PNG as its raw integer values (H,W)."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read label {path}: {e}") from e
+def read_label_png(path) -> np.ndarray:
+    """Reads a label PNG as its raw integer values (H,W); `images.ImageReadError` naming it."""
+    with images.open_image(path, "label") as im:
+        return np.asarray(im)
 
 
 def read_potsdam_label(path: str) -> np.ndarray:
@@ -160,14 +165,14 @@ def read_depth(depth_stem: str, image_id: str = "") -> np.ndarray:
             f"No depth map for image {image_id!r}: expected one of {expected}. "
             "Generate depth with `python -m depthg_jax.data.depth`."
         )
-    try:
-        if path.endswith(".npy"):
+    if path.endswith(".npy"):
+        try:
             raw = np.load(path)
-        else:
-            with Image.open(path) as im:
-                raw = np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read depth {path}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise ValueError(f"Cannot read depth {path}: {e}") from e
+    else:
+        with images.open_image(path, "depth") as im:
+            raw = np.asarray(im)
     if raw.ndim == 3:
         raw = raw[..., 0]
     if raw.ndim != 2:
@@ -226,6 +231,12 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, n_classes: int) -> tuple[np.nda
 
     Bad pixels: raw values outside the lookup table's known values, or mapped ids >= n_classes.
     """
+    mapped, bad = _lookup(raw, lut, n_classes)
+    return np.where(bad, IGNORE, mapped).astype(np.int32), int(bad.sum())
+
+
+def _lookup(raw: np.ndarray, lut: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mapped values, mask of bad pixels) of raw label values under a lookup table."""
     raw = np.asarray(raw)
     if raw.dtype == np.uint8:
         mapped = lut[raw]
@@ -234,9 +245,67 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, n_classes: int) -> tuple[np.nda
         mapped = np.where(inside, lut[np.clip(raw, 0, 255)], _UNEXPECTED)
     else:
         mapped = lut[raw.astype(np.intp)]
-    bad = (mapped == _UNEXPECTED) | (mapped >= n_classes)
-    n_bad = int(bad.sum())
-    return np.where(bad, IGNORE, mapped).astype(np.int32), n_bad
+    return mapped, (mapped == _UNEXPECTED) | (mapped >= n_classes)
+
+
+def check_labels(source, n_classes: int | None = None, *, threads: int = 8, shown: int = 3) -> dict:
+    """Reads every label file of a split once, before any work; returns what it found.
+
+    `source`: an `ExampleSource` or a prepared `records.RecordSource`. n_classes defaults to
+    the source's (and may not exceed it). Raises ValueError naming up to `shown` files (with
+    id, bad pixel count and values) when any holds values the dataset's mapping does not know
+    or ids >= n_classes; a file that cannot be read raises its reader's error.
+    Returns ``total`` (examples), ``labelled`` (with a label file; prepared records store
+    unlabelled examples as all-ignore labels, so all of theirs count), ``all_ignore`` (label
+    files with no pixel of a class) and ``all_ignore_files`` (the first `shown` of them),
+    ``usable`` (labelled minus all_ignore) and ``class_pixels`` (pixels per class id).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_classes = int(n_classes or source.n_classes)
+    if n_classes > source.n_classes:  # its lookup table already marks ids >= its own count
+        raise ValueError(
+            f"check_labels: n_classes={n_classes} is more than the {source.n_classes} the source "
+            f"{source.name} was made with; make the source with {n_classes}"
+        )
+    counts = np.zeros(n_classes, np.int64)
+
+    def scan(index: int):
+        where, raw = source.read_raw_label(index)
+        if raw is None:
+            return None
+        mapped, bad = _lookup(raw, source.label_lut, n_classes)
+        valid = mapped[~bad & (mapped >= 0)]
+        n_bad = int(bad.sum())
+        values = np.unique(np.asarray(raw)[bad])[:5].tolist() if n_bad else []
+        return where, n_bad, values, np.bincount(valid.ravel(), minlength=n_classes)
+
+    ids, labelled, all_ignore, bad_files = source.ids, 0, [], []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for index, found in enumerate(pool.map(scan, range(len(source)))):
+            if found is None:
+                continue
+            where, n_bad, values, class_pixels = found
+            labelled += 1
+            counts += class_pixels
+            if n_bad:
+                bad_files.append(f"{where} (id {ids[index]!r}): {n_bad} pixels of {values}")
+            elif not class_pixels.any():
+                all_ignore.append(where)
+    if bad_files:
+        raise ValueError(
+            f"{len(bad_files)} of {labelled} label files of {source.name} hold values outside "
+            f"the {n_classes} classes: {'; '.join(bad_files[:shown])}"
+            f"{'; ...' if len(bad_files) > shown else ''}; fix those files or data.n_classes"
+        )
+    return {
+        "total": len(source),
+        "labelled": labelled,
+        "all_ignore": len(all_ignore),
+        "all_ignore_files": all_ignore[:shown],
+        "usable": labelled - len(all_ignore),
+        "class_pixels": counts.tolist(),
+    }
 
 
 # --- The source ------------------------------------------------------------------------------
@@ -276,6 +345,14 @@ class ExampleSource:
     def ids(self) -> list[str]:
         return [r.id for r in self.records]
 
+    def read_raw_label(self, index: int) -> tuple[str, np.ndarray | None]:
+        """(label file, its raw values (H,W)) of an example; (image, None) when it has none."""
+        rec = self.records[index]
+        if rec.label is None:
+            return rec.image, None
+        raw = self.read_label_fn(rec.label)
+        return rec.label, raw[..., 0] if raw.ndim == 3 else raw
+
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
         image = self.read_image_fn(rec.image)
@@ -286,12 +363,10 @@ class ExampleSource:
                 f"Depth of {rec.id!r} ({find_depth_file(rec.depth_stem)}) is "
                 f"{depth.shape[0]}x{depth.shape[1]} (HxW) but the image {rec.image} is {h}x{w}"
             )
-        if rec.label is None:
+        _, raw = self.read_raw_label(index)
+        if raw is None:
             label = np.full((h, w), IGNORE, np.int32)
         else:
-            raw = self.read_label_fn(rec.label)
-            if raw.ndim == 3:
-                raw = raw[..., 0]
             if raw.shape != (h, w):
                 raise ValueError(
                     f"Label {rec.label} is {raw.shape[0]}x{raw.shape[1]} (HxW) but the image "
@@ -314,6 +389,40 @@ class ExampleSource:
 # --- Listing each dataset's records ----------------------------------------------------------
 
 
+def check_id(image_id: str, where: str, root: str) -> str:
+    """An id as a plain relative path: refuses absolute ones, ``..`` parts and empty ones."""
+    parts = image_id.split("/")
+    if not image_id or "\0" in image_id or os.path.isabs(image_id) or ".." in parts:
+        raise ValueError(
+            f"{where}: id {image_id!r} is not a relative path inside the root {root} (no "
+            "absolute paths or '..'); fix that entry"
+        )
+    return image_id
+
+
+class _Folder:
+    """A layout folder of a dataset; `path` joins an id to it and keeps the result inside."""
+
+    def __init__(self, root: str, *parts: str):
+        self.root = root
+        self.path_ = os.path.join(root, *parts)
+        self.real = os.path.realpath(self.path_)
+
+    def path(self, image_id: str, suffix: str, where: str) -> str:
+        """<folder>/<id><suffix>; an error naming `where`, the id and the root if the file,
+        symlinks resolved, lies outside the folder (itself resolved)."""
+        path = os.path.join(self.path_, check_id(image_id, where, self.root) + suffix)
+        if "/" in image_id or os.path.islink(path):  # else it is a plain name in the folder
+            real = os.path.realpath(path)
+            if not (real == self.real or real.startswith(self.real + os.sep)):
+                raise ValueError(
+                    f"{where}: id {image_id!r} leads to {real}, outside {self.path_} of the root "
+                    f"{self.root}; a dataset's files must lie inside its root: fix the entry or "
+                    "replace the link by the file"
+                )
+        return path
+
+
 def list_directory_records(root: str, split: str) -> list[Record]:
     """Records of a `directory` dataset: every image under images/<split>/, sorted by id."""
     image_dir = os.path.join(root, "images", split)
@@ -321,6 +430,7 @@ def list_directory_records(root: str, split: str) -> list[Record]:
         raise FileNotFoundError(f"No image folder {image_dir} (directory dataset, split {split!r})")
     label_dir = os.path.join(root, "labels", split)
     has_labels = os.path.isdir(label_dir)
+    image_folder, label_folder = _Folder(root, "images", split), _Folder(root, "labels", split)
     found: dict[str, str] = {}
     for dirpath, _, files in os.walk(image_dir):
         for fn in files:
@@ -330,14 +440,14 @@ def list_directory_records(root: str, split: str) -> list[Record]:
             rel = os.path.relpath(os.path.join(dirpath, stem), image_dir).replace(os.sep, "/")
             if rel in found:
                 raise ValueError(f"Two images share id {rel!r}: {found[rel]} and {fn}")
-            found[rel] = os.path.join(dirpath, fn)
+            found[rel] = image_folder.path(rel, ext, image_dir)
     if not found:
         raise ValueError(f"Empty split: no .jpg/.jpeg/.png images under {image_dir}")
     records = []
     for image_id in sorted(found):
         label = None
         if has_labels:
-            label = os.path.join(label_dir, image_id + ".png")
+            label = label_folder.path(image_id, ".png", label_dir)
             if not os.path.exists(label):
                 raise FileNotFoundError(f"Image {found[image_id]} has no label file {label}")
         depth_stem = os.path.join(root, "depth", split, image_id)
@@ -394,6 +504,10 @@ def list_coco_records(root: str, split: str) -> list[Record]:
     split_dir = COCO_SPLIT_DIRS.get(split, split)
     ids, where = coco_curated_ids(root, split_dir)
     image_dir = os.path.join(root, "images", split_dir)
+    image_folder = _Folder(root, "images", split_dir)
+    label_folder = _Folder(root, "annotations", split_dir)
+    image_paths = [image_folder.path(i, ".jpg", where) for i in ids]
+    labels = [label_folder.path(i, ".png", where) for i in ids]
     on_disk = set(os.listdir(image_dir)) if os.path.isdir(image_dir) else set()
     missing = [i for i in ids if i + ".jpg" not in on_disk]
     if missing:
@@ -402,13 +516,8 @@ def list_coco_records(root: str, split: str) -> list[Record]:
             f"{os.path.join(image_dir, missing[0] + '.jpg')}"
         )
     return [
-        Record(
-            i,
-            os.path.join(image_dir, i + ".jpg"),
-            os.path.join(root, "depth", split_dir, i),
-            os.path.join(root, "annotations", split_dir, i + ".png"),
-        )
-        for i in ids
+        Record(i, image, os.path.join(root, "depth", split_dir, i), label)
+        for i, image, label in zip(ids, image_paths, labels, strict=True)
     ]
 
 
@@ -417,6 +526,7 @@ def list_cityscapes_records(root: str, split: str) -> list[Record]:
     image_dir = os.path.join(root, "leftImg8bit", split)
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"No Cityscapes image folder {image_dir}")
+    image_folder, label_folder = _Folder(root, "leftImg8bit", split), _Folder(root, "gtFine", split)
     records = []
     for city in sorted(os.listdir(image_dir)):
         city_dir = os.path.join(image_dir, city)
@@ -426,11 +536,12 @@ def list_cityscapes_records(root: str, split: str) -> list[Record]:
             if not fn.endswith("_leftImg8bit.png"):
                 continue
             name = fn[: -len("_leftImg8bit.png")]
-            label = os.path.join(root, "gtFine", split, city, name + "_gtFine_labelIds.png")
+            image = image_folder.path(f"{city}/{name}", "_leftImg8bit.png", image_dir)
+            label = label_folder.path(f"{city}/{name}", "_gtFine_labelIds.png", image_dir)
             if not os.path.exists(label):
-                raise FileNotFoundError(f"Image {os.path.join(city_dir, fn)} has no label {label}")
+                raise FileNotFoundError(f"Image {image} has no label {label}")
             depth_stem = os.path.join(root, "depth", split, city, fn[: -len(".png")])
-            records.append(Record(f"{city}/{name}", os.path.join(city_dir, fn), depth_stem, label))
+            records.append(Record(f"{city}/{name}", image, depth_stem, label))
     if not records:
         raise ValueError(f"Empty split: no *_leftImg8bit.png under {image_dir}")
     return records
@@ -440,22 +551,17 @@ def list_potsdam_records(root: str, split: str) -> list[Record]:
     """Records of STEGO's Potsdam over the split's list files; unlabelled ids have no label."""
     if split not in POTSDAM_SPLIT_FILES:
         raise ValueError(f"Unknown Potsdam split {split!r}; one of {sorted(POTSDAM_SPLIT_FILES)}")
-    ids: list[str] = []
-    for fn in POTSDAM_SPLIT_FILES[split]:
-        ids += _read_id_list([os.path.join(root, fn)])
-    if not ids:
-        raise ValueError(f"Empty split: Potsdam split {split!r} lists no ids")
+    image_folder, label_folder = _Folder(root, "imgs"), _Folder(root, "gt")
     records = []
-    for i in ids:
-        label = os.path.join(root, "gt", i + ".mat")
-        records.append(
-            Record(
-                i,
-                os.path.join(root, "imgs", i + ".mat"),
-                os.path.join(root, "depth", i),
-                label if os.path.exists(label) else None,
-            )
-        )
+    for fn in POTSDAM_SPLIT_FILES[split]:
+        where = os.path.join(root, fn)
+        for i in _read_id_list([where]):
+            image = image_folder.path(i, ".mat", where)
+            label = label_folder.path(i, ".mat", where)
+            depth_stem = os.path.join(root, "depth", i)
+            records.append(Record(i, image, depth_stem, label if os.path.exists(label) else None))
+    if not records:
+        raise ValueError(f"Empty split: Potsdam split {split!r} lists no ids")
     return records
 
 

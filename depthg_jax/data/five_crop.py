@@ -10,7 +10,9 @@ ids ``<id>_0`` .. ``<id>_4`` in the `directory` layout under --out:
 Depth is cropped from the normalised map and not re-normalised: stored as 8-bit when every
 value is a whole number (8-bit sources), else as ``_zoedepth_16.png`` (x 65535/255, rounded).
 Each file is written atomically (temporary name, then rename); an image whose crops all
-exist is skipped, so an interrupted run resumes and a finished one is a no-op.
+exist is skipped, so an interrupted run resumes and a finished one is a no-op (the temporary
+files of a killed run are removed by the next write into their folder). Every path written
+lies inside --out (ids are checked).
 Train on the result with data.name="directory", data.root=<out>.
 
     python -m depthg_jax.data.five_crop --dataset=cocostuff27 --root=DIR --split=train --out=DIR
@@ -24,11 +26,13 @@ import numpy as np
 from absl import app, flags
 
 from depthg_jax import commands
-from depthg_jax.data import datasets, depth_io, images
+from depthg_jax.data import datasets, depth_io, images, outputs
 from depthg_jax.runtime import files
 
 NUM_CROPS = 5
 DEFAULT_CLASSES = {"cocostuff27": 27, "cityscapes27": 27, "potsdam3": 3}
+# directory/synthetic: every stored class id (< 255) is copied as it is; 255 stays ignore.
+KEEP_STORED_IDS = 255
 
 
 def five_crop_boxes(h: int, w: int) -> list[tuple[int, int, int, int]]:
@@ -47,7 +51,8 @@ def _crop_paths(out: str, split: str, crop_id: str, image_ext: str, labels: bool
     paths["depth"] = images.depth_path(depth_stem, "png16" if depth16 else "png8")
     if labels:
         paths["label"] = os.path.join(out, "labels", split, crop_id + ".png")
-    return paths
+    what = f"crop {crop_id!r} of split {split!r}"
+    return {k: outputs.confine(p, out, what) for k, p in paths.items()}
 
 
 def _crop_done(out, split, crop_id, image_ext, labels) -> bool:
@@ -122,10 +127,22 @@ def define_flags() -> None:
     flags.DEFINE_string("root", None, "The dataset's root folder.")
     flags.DEFINE_string("split", "train", "Split to crop.")
     flags.DEFINE_string("out", None, "Root of the cropped directory dataset.")
-    flags.DEFINE_integer("n_classes", 0, "Default: the dataset's.")
+    flags.DEFINE_integer(
+        "n_classes",
+        0,
+        "Label ids at or above this become ignore (255) in the crops. Default (0): 27 for "
+        "cocostuff27 and cityscapes27, 3 for potsdam3; directory and synthetic copy every "
+        "stored id (< 255) as it is, labelled or not.",
+        lower_bound=0,
+        upper_bound=KEEP_STORED_IDS,
+    )
     flags.DEFINE_enum("image_format", "jpg", ["jpg", "png"], "Crop image format.")
     flags.DEFINE_integer(
-        "jpeg_quality", RELEASE_JPEG_QUALITY, "JPEG quality (75: PIL's default, as released)."
+        "jpeg_quality",
+        RELEASE_JPEG_QUALITY,
+        "JPEG quality, 1..95 (75: PIL's default, as released).",
+        lower_bound=1,
+        upper_bound=95,
     )
     flags.mark_flags_as_required(["dataset", "root", "out"])
 
@@ -134,9 +151,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, 0)
-    if n_classes < 1:
-        raise app.UsageError(f"--n_classes is required for dataset {f.dataset!r}")
+    n_classes = f.n_classes or DEFAULT_CLASSES.get(f.dataset, KEEP_STORED_IDS)
     try:
         check_out_dir(f.root, f.out)
     except ValueError as e:

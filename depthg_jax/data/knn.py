@@ -139,9 +139,14 @@ def load_knn_table(
     ids: Sequence[str] | None = None,
     command=KNN_COMMAND,
     fingerprint: str | None = None,
+    num_neighbors: int | None = None,
 ) -> np.ndarray:
     """Loads a KNN table's (N,k) indices; checks its ids against the split's when given, and
-    its images' fingerprint when both the table and the caller have one."""
+    its images' fingerprint when both the table and the caller have one.
+
+    The indices are checked too (`check_knn_indices`): integers, one row per example, more
+    columns than num_neighbors (when given), every index in [0, N), each row starting with
+    itself. Any failure is a ValueError naming the table and `command`, which remakes it."""
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No KNN table at {path}. Make it with: {command}")
@@ -150,7 +155,7 @@ def load_knn_table(
             indices = np.asarray(z["indices"])
             table_ids = [str(i) for i in z["ids"]]
             table_print = str(z["fingerprint"]) if "fingerprint" in z.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, MemoryError, zipfile.BadZipFile) as e:
         raise ValueError(
             f"KNN table {path} is unreadable ({e}); make it again with: {command}"
         ) from e
@@ -164,9 +169,45 @@ def load_knn_table(
             f"KNN table {path} was made for the same {len(table_ids)} ids but other image files "
             f"(their sizes or modification times differ); remake it with: {command}"
         )
-    if indices.ndim != 2 or indices.shape[0] != len(table_ids):
-        raise ValueError(f"KNN table {path} has indices of shape {indices.shape}")
+    try:
+        check_knn_indices(indices, len(table_ids), num_neighbors, where=f"KNN table {path}")
+    except ValueError as e:
+        raise ValueError(f"{e}; remake it with: {command}") from None
     return indices
+
+
+def check_knn_indices(
+    indices: np.ndarray, n: int, num_neighbors: int | None = None, where: str = "KNN table"
+) -> None:
+    """Raises ValueError (starting with `where`) unless `indices` is a KNN table of n examples:
+    an integer (n, k) array, k > num_neighbors (k >= 1 without it), every index in [0, n) and
+    rank 0 of each row the row itself (as `compute_knn` makes it)."""
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{where} holds {indices.dtype} indices, not integers")
+    if indices.ndim != 2 or indices.shape[0] != n:
+        raise ValueError(
+            f"{where} has indices of shape {indices.shape}, expected ({n}, k): one row per example"
+        )
+    need = 1 if num_neighbors is None else num_neighbors + 1
+    if indices.shape[1] < need:
+        raise ValueError(
+            f"{where} has {indices.shape[1]} columns but data.num_neighbors={num_neighbors} needs "
+            f"at least {need} (rank 0 is the example itself)"
+        )
+    outside = (indices < 0) | (indices >= n)
+    if outside.any():
+        row = int(np.flatnonzero(outside.any(axis=1))[0])
+        raise ValueError(
+            f"{where} has {int(outside.sum())} indices outside [0, {n}), e.g. row {row}: "
+            f"{indices[row, : min(8, indices.shape[1])].tolist()}"
+        )
+    not_self = indices[:, 0] != np.arange(n)
+    if not_self.any():
+        row = int(np.flatnonzero(not_self)[0])
+        raise ValueError(
+            f"{where}: {int(not_self.sum())} rows do not start with the example itself, e.g. "
+            f"row {row} starts with {int(indices[row, 0])}"
+        )
 
 
 def extract_features(
@@ -328,11 +369,17 @@ def make_knn_table(
     from depthg_jax.runtime import distributed, seeds
 
     data_cfg = config.data
+    check_knn_args(per_device_batch, k, data_cfg.get("num_neighbors", 1))
     variant = data_cfg.get("knn_variant", "") or config.model.variant
     path = path or default_table_path(data_cfg, variant)
     if source is None:
         source = datasets.make_source(
             data_cfg.name, data_cfg.root, data_cfg.train_split, data_cfg.n_classes
+        )
+    if len(source) <= data_cfg.get("num_neighbors", 1):
+        raise ValueError(
+            f"{source.name} has {len(source)} examples, too few for data.num_neighbors="
+            f"{data_cfg.num_neighbors} neighbours besides each example itself"
         )
     if variant != config.model.variant:
         log.warning(
@@ -362,6 +409,17 @@ def make_knn_table(
     return path
 
 
+def check_knn_args(per_device_batch: int, k: int, num_neighbors: int) -> None:
+    """The KNN command's numbers: ValueError naming the flag unless a table can be made."""
+    if per_device_batch < 1:
+        raise ValueError(f"--per_device_batch={per_device_batch}: needs at least 1 image")
+    if k <= max(1, num_neighbors):
+        raise ValueError(
+            f"--k={k} stores too few neighbours: rank 0 is the example itself and training "
+            f"draws from ranks 1..data.num_neighbors={num_neighbors}; use --k > {num_neighbors}"
+        )
+
+
 def main(argv: Sequence[str]) -> None:
     import jax
     from absl import flags
@@ -385,13 +443,12 @@ def _define_flags() -> None:
     from depthg_jax.runtime import distributed
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_integer("per_device_batch", 8, "Images per device per step.")
-    flags.DEFINE_integer("k", 30, "Neighbours stored per example (rank 0 = itself).")
+    flags.DEFINE_integer("per_device_batch", 8, "Images per device per step.", lower_bound=1)
+    flags.DEFINE_integer("k", 30, "Neighbours stored per example (rank 0 = itself).", lower_bound=2)
     distributed.define_flags()
     flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-
     _define_flags()
     commands.run_main(main)

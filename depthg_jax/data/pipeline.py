@@ -88,7 +88,10 @@ def make_train_loader(
         neighbors = records.load_neighbors(data_cfg, source)
     else:
         neighbors = knn.load_knn_table(
-            knn_path(data_cfg), source.ids, fingerprint=knn.source_fingerprint(source)
+            knn_path(data_cfg),
+            source.ids,
+            fingerprint=knn.source_fingerprint(source),
+            num_neighbors=data_cfg.num_neighbors,
         )
     stream = streams.TrainStream(
         source,

@@ -7,7 +7,10 @@ five-crops, Potsdam uncropped; eval = the original evaluation images). Each conf
 written to a temporary folder and renamed when complete, so a failed or killed run leaves
 no version that looks finished; running the command again resumes: finished configs are
 kept as they are (a finished version is never overwritten: delete it to remake it) and an
-unfinished one starts over. Then the KNN table of the prepared train split:
+unfinished one starts over: one run prepares a dataset at a time (a lock file,
+``<data_dir>/<dataset>/.prepare.lock``, local folders only) and removes the ``incomplete.*``
+folders and files a killed run left there before it starts. Then the KNN table of the prepared
+train split:
 
     python -m depthg_jax.data.prepare --dataset=cocostuff27 --data_dir=DIR --knn \\
         --config=configs/coco.py --config.model.weights=DINO
@@ -19,13 +22,31 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from depthg_jax import commands
-from depthg_jax.data import builders, records
+from depthg_jax.data import builders, outputs, records
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".prepare.lock"
+# What TFDS leaves when killed: "<config>/incomplete.<6 chars>_<version>/" while writing a
+# version, ".config/incomplete.<32 hex>.<name>" while writing its metadata.
+_INCOMPLETE = re.compile(r"^incomplete\.([A-Z0-9]{6}_.+|[0-9a-f]{32}\..+)$")
+
+
+def stale_incomplete(dataset_dir: str | os.PathLike) -> list[Path]:
+    """TFDS's temporary folders and files under a dataset's folder (one level of configs)."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for config_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        found += sorted(p for p in config_dir.iterdir() if _INCOMPLETE.match(p.name))
+    return found
 
 
 def prepare(
@@ -41,6 +62,17 @@ def prepare(
         raise FileNotFoundError(
             f"--manual_dir={manual_dir!r} is not a folder. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
+    unknown = sorted(set(configs) - set(builders.CONFIGS))
+    if unknown or not configs:
+        raise ValueError(f"--configs={','.join(configs)}: choose among {list(builders.CONFIGS)}")
+    dataset_dir = os.path.join(str(data_dir), dataset)
+    with outputs.WriterLock(dataset_dir, LOCK_FILE, "prepare"):
+        if "://" not in dataset_dir:
+            outputs.remove_stale(stale_incomplete(dataset_dir), "incomplete.* folders/files")
+        return _prepare(tfds, cls, dataset, manual_dir, data_dir, configs)
+
+
+def _prepare(tfds, cls, dataset, manual_dir, data_dir, configs) -> list[str]:
     tfds.disable_progress_bar()  # The builders show one bar per split, with its length.
     out = []
     for config in configs:
@@ -62,7 +94,8 @@ def prepare(
 
 
 def main(argv: Sequence[str]) -> None:
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.knn:
         import jax
 
@@ -92,8 +125,12 @@ if __name__ == "__main__":
     flags.DEFINE_list("configs", list(builders.CONFIGS), "Builder configs to prepare.")
     flags.DEFINE_bool("knn", False, "Instead: compute the prepared train split's KNN table.")
     config_flags.DEFINE_config_file("config", None, "With --knn: experiment config file.")
-    flags.DEFINE_integer("per_device_batch", 8, "With --knn: images per device per step.")
-    flags.DEFINE_integer("k", 30, "With --knn: neighbours stored per example (rank 0 = itself).")
+    flags.DEFINE_integer(
+        "per_device_batch", 8, "With --knn: images per device per step.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "k", 30, "With --knn: neighbours stored per example (rank 0 = itself).", lower_bound=2
+    )
     flags.DEFINE_bool("distributed", False, "With --knn: call jax.distributed.initialize.")
     flags.mark_flags_as_required(["dataset", "data_dir"])
     commands.run_main(main)

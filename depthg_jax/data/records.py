@@ -16,6 +16,7 @@ table stored beside the train records (see `knn_table_path`), with no path flag.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
@@ -105,6 +106,7 @@ class RecordSource:
         self._data = builder.as_data_source(
             split, decoders={"image": skip, "depth": skip, "label": skip}
         )
+        self._shards = self._find_shards(builder, split)
         self._ids = list(meta.get("ids", {}).get(split, []))
         if len(self._ids) != len(self._data):
             raise ValueError(
@@ -125,12 +127,60 @@ class RecordSource:
     def __repr__(self) -> str:
         return f"RecordSource({self.name!r}, {len(self)} examples)"
 
+    def _find_shards(self, builder, split: str) -> list[tuple[str, int, int]]:
+        """(file, first example, end) of each shard of the split, each opened once: a shard cut
+        short or with a damaged footer is an error naming it now, not at its first read."""
+        from array_record.python import array_record_module
+
+        shards, start = [], 0
+        for f in builder.info.splits[split].file_instructions:
+            shard = (str(f.filename), start, start + f.take)
+            shards.append(shard)
+            start += f.take
+            try:
+                reader = array_record_module.ArrayRecordReader(shard[0])
+                readable = reader.num_records() if reader.ok() else 0
+            except RuntimeError as e:
+                raise ValueError(self._shard_error(shard, e)) from None
+            with contextlib.suppress(RuntimeError):  # a failed reader's close repeats its error
+                reader.close()
+            if readable != f.examples_in_shard:
+                reason = f"{readable} records readable of the {f.examples_in_shard} written"
+                raise ValueError(self._shard_error(shard, reason + " (truncated?)"))
+        return shards
+
+    def _shard_error(self, shard: tuple[str, int, int], error: BaseException) -> str:
+        reason = " ".join(str(error).split())
+        return (
+            f"Corrupt records shard {shard[0]} (examples {shard[1]}..{shard[2] - 1} of "
+            f"{self.name}): {reason}; delete {self.data_dir} and prepare it again: "
+            + PREPARE_COMMAND.format(name=self.builder.name, data_dir=self.data_dir.parents[2])
+        )
+
+    def _read(self, index: int) -> dict:
+        """The raw record (bytes fields) at index; a shard that fails is an error naming it."""
+        try:
+            rec = self._data[index]
+            if not isinstance(rec.get("image"), bytes | np.ndarray) or rec.get("label") is None:
+                raise RuntimeError("the record is empty")
+            return rec
+        except (RuntimeError, OSError) as e:
+            shard = next(s for s in self._shards if s[1] <= index < s[2])
+            raise ValueError(self._shard_error(shard, e)) from None
+
+    def read_raw_label(self, index: int) -> tuple[str, np.ndarray]:
+        """(where, stored label values (H,W), 255 = ignore) of a record: its label only."""
+        rec = self._read(index)
+        where = f"record {index} ({self._ids[index]!r}) of {self.data_dir}"
+        raw = _decode(datasets.read_label_png, rec["label"], f"label in {where}")
+        return where, raw[..., 0] if raw.ndim == 3 else raw
+
     @property
     def ids(self) -> list[str]:
         return list(self._ids)
 
     def __getitem__(self, index: int) -> dict:
-        rec = self._data[index]
+        rec = self._read(index)
         image_id = rec["id"].decode() if isinstance(rec["id"], bytes) else str(rec["id"])
         where = f"record {index} ({image_id!r}) of {self.data_dir}"
         image = _decode(images.read_image, rec["image"], f"image in {where}")
@@ -188,7 +238,9 @@ def load_neighbors(data_cfg, source: RecordSource) -> np.ndarray:
         data_cfg.get("knn_variant", ""),
         command=command,
     )
-    return knn.load_knn_table(path, source.ids, command=command)
+    return knn.load_knn_table(
+        path, source.ids, command=command, num_neighbors=data_cfg.get("num_neighbors")
+    )
 
 
 def make_knn_table(config, *, per_device_batch: int = 8, k: int = 30) -> str:

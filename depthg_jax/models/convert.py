@@ -27,7 +27,7 @@ from absl import flags
 from depthg_jax import commands
 from depthg_jax.models import convert_v2v3, state_dicts
 from depthg_jax.models.pth import load_pth
-from depthg_jax.models.vit import VARIANTS, get_variant
+from depthg_jax.models.variants import VARIANTS, get_variant
 from depthg_jax.runtime import files
 
 OFFICIAL_URLS: dict[str, str] = {
@@ -240,7 +240,7 @@ def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
-    """Official-named state dict -> the "params" of ``backbones.build_backbone(variant)``.
+    """Official-named state dict -> the "params" of ``vit.build_backbone(variant)``.
 
     Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
     the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.

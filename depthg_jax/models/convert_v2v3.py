@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from depthg_jax.models import state_dicts
-from depthg_jax.models.vit import VARIANTS, get_variant, mlp_hidden
+from depthg_jax.models.variants import VARIANTS, get_variant, mlp_hidden
 
 FAMILY_NAMES = {"v1": "DINO (v1)", "v2": "DINOv2", "v3": "DINOv3"}
 
@@ -31,6 +31,10 @@ DINOV3_FILES: dict[str, tuple[str, str]] = {
     "v3-H+/16": (
         "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth",
         "dinov3-vith16plus-pretrain-lvd1689m",
+    ),
+    "v3-7B/16": (
+        "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth",
+        "dinov3-vit7b16-pretrain-lvd1689m",
     ),
 }
 DINOV3_DOWNLOAD_PAGE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
@@ -179,7 +183,8 @@ def unchunk_blocks(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def detect(state: dict[str, np.ndarray]) -> dict[str, Any]:
-    """What an official-named state dict holds: family, patch, dim, depth, registers, swiglu."""
+    """What an official-named state dict holds: family, patch, dim, depth, registers, swiglu,
+    qkv_bias."""
     has_ls = any(re.match(r"^blocks\.\d+\.ls1\.gamma$", k) for k in state)
     if not has_ls:
         kind = "v1"
@@ -196,6 +201,7 @@ def detect(state: dict[str, np.ndarray]) -> dict[str, Any]:
     tokens = state.get("register_tokens", state.get("storage_tokens"))
     info["registers"] = int(tokens.shape[1]) if tokens is not None and tokens.ndim == 3 else 0
     info["swiglu"] = any(re.match(r"^blocks\.\d+\.mlp\.w", k) for k in state)
+    info["qkv_bias"] = any(re.match(r"^blocks\.\d+\.attn\.qkv\.bias$", k) for k in state)
     return info
 
 
@@ -206,6 +212,8 @@ def describe(info: dict[str, Any]) -> str:
     parts.append(f"depth {info['depth']}, {info['registers']} register tokens")
     if info["swiglu"]:
         parts.append("SwiGLU")
+    if not info.get("qkv_bias", True):
+        parts.append("no qkv bias")
     return ", ".join(parts)
 
 
@@ -213,7 +221,7 @@ def _spec_info(variant: str) -> dict[str, Any]:
     spec = get_variant(variant)
     return {
         "family": spec.family, "patch": spec.patch, "dim": spec.dim, "depth": spec.depth,
-        "registers": spec.registers, "swiglu": spec.swiglu,
+        "registers": spec.registers, "swiglu": spec.swiglu, "qkv_bias": spec.qkv_bias,
     }  # fmt: skip
 
 
@@ -252,8 +260,9 @@ def expected_shapes_v2v3(variant: str, num_positions: int = 0) -> dict[str, tupl
     """Official key -> PyTorch shape for a DINOv2 / DINOv3 variant (required keys only).
 
     ``num_positions`` (DINOv2) is the number of stored patch position embeddings.
-    Optional DINOv3 buffers (``rope_embed.periods``, ``blocks.N.attn.qkv.bias_mask``) are
-    checked by ``convert_state_dict_v2v3`` when present.
+    Optional DINOv3 entries (the buffers ``rope_embed.periods`` and
+    ``blocks.N.attn.qkv.bias_mask``, the 7B's training-only ``local_cls_norm``) are checked by
+    ``convert_state_dict_v2v3`` when present.
     """
     spec = get_variant(variant)
     if spec.family not in ("v2", "v3"):
@@ -285,7 +294,8 @@ def expected_shapes_v2v3(variant: str, num_positions: int = 0) -> dict[str, tupl
             "attn.qkv": (3 * c, c), "attn.proj": (c, c), **mlp
         }.items():  # fmt: skip
             shapes[f"{b}{name}.weight"] = (out_dim, in_dim)
-            shapes[f"{b}{name}.bias"] = (out_dim,)
+            if name != "attn.qkv" or spec.qkv_bias:
+                shapes[f"{b}{name}.bias"] = (out_dim,)
         for norm in ("norm1", "norm2"):
             shapes[f"{b}{norm}.weight"] = (c,)
             shapes[f"{b}{norm}.bias"] = (c,)
@@ -294,9 +304,15 @@ def expected_shapes_v2v3(variant: str, num_positions: int = 0) -> dict[str, tupl
     return shapes
 
 
+# The official 7B (untie_global_and_local_cls_norm) holds a LayerNorm for the CLS token of
+# local crops that only training uses; transformers drops it too.
+_TRAINING_ONLY_V3 = ("local_cls_norm.weight", "local_cls_norm.bias")
+
+
 def _check_optional_v3(state: dict[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
-    """Applies qkv bias masks and checks the RoPE periods; returns the state without them."""
-    from depthg_jax.models.dinov3 import rope_periods
+    """Applies qkv bias masks, checks the RoPE periods and the training-only norm; returns the
+    state without them."""
+    from depthg_jax.models.vit import rope_periods
 
     spec = get_variant(variant)
     state = dict(state)
@@ -309,6 +325,11 @@ def _check_optional_v3(state: dict[str, np.ndarray], variant: str) -> dict[str, 
                 f"{periods.shape}) differ from the base-100 RoPE periods of variant {variant!r} "
                 f"{expected[:4]}... (shape {expected.shape}): unsupported RoPE settings"
             )
+    for key in [k for k in _TRAINING_ONLY_V3 if k in state]:
+        value = state.pop(key)
+        if value.shape != (spec.dim,):
+            raise ValueError(f"{key}: expected shape {(spec.dim,)} for variant {variant!r}, "
+                             f"got {value.shape}")  # fmt: skip
     for key in [k for k in state if k.endswith(".attn.qkv.bias_mask")]:
         mask = state.pop(key)
         bias_key = key.removesuffix("_mask")

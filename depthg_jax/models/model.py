@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from depthg_jax.method.image_ops import normalize_images, resize_bilinear
-from depthg_jax.models import backbones, head, vit
+from depthg_jax.models import head, variants, vit
 from depthg_jax.runtime import xla
 
 PARAM_KEYS = ("backbone", "head", "cluster_probe", "linear_probe")
@@ -67,16 +67,16 @@ class ModelSpec:
 
     @property
     def patch(self) -> int:
-        return vit.patch_size(self.variant)
+        return variants.patch_size(self.variant)
 
     @property
     def width(self) -> int:
         """Channels C of the backbone's features."""
-        return vit.embed_dim(self.variant)
+        return variants.embed_dim(self.variant)
 
     @property
     def backbone(self) -> nn.Module:
-        return backbones.build_backbone(self.variant, jnp.dtype(self.dtype))
+        return vit.build_backbone(self.variant, jnp.dtype(self.dtype))
 
     @property
     def head(self) -> head.SegmentationHead:
@@ -137,9 +137,9 @@ def init_backbone(model_cfg, key: jax.Array, variant: str | None = None) -> dict
         from depthg_jax.models import convert  # Loading weights pulls in Orbax and safetensors.
 
         return convert.load_backbone(model_cfg.weights, variant)
-    patch = vit.patch_size(variant)
+    patch = variants.patch_size(variant)
     dummy = jnp.zeros((1, 2 * patch, 2 * patch, 3), jnp.float32)
-    return jax.jit(backbones.build_backbone(variant).init)(key, dummy)["params"]
+    return jax.jit(vit.build_backbone(variant).init)(key, dummy)["params"]
 
 
 def init_trainable(spec: ModelSpec, key: jax.Array) -> dict:
@@ -166,7 +166,7 @@ def init_params(spec: ModelSpec, key: jax.Array, *, res: int = 32) -> dict:
 def _init_params(key: jax.Array, *, spec: ModelSpec, res: int) -> dict:
     k_vit, *k_trainable = jax.random.split(key, 4)
     images = jnp.zeros((1, res, res, 3), jnp.float32)
-    backbone = backbones.build_backbone(spec.variant).init(k_vit, images)["params"]
+    backbone = vit.build_backbone(spec.variant).init(k_vit, images)["params"]
     return full_params(backbone, _trainable_from_keys(spec, *k_trainable))
 
 
@@ -184,7 +184,7 @@ def check_params(params: dict, spec: ModelSpec, *, where: str = "") -> None:
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
         raise ValueError(f"params{where} miss {missing}; expected keys {list(PARAM_KEYS)}")
-    variant = vit.get_variant(spec.variant)
+    variant = variants.get_variant(spec.variant)
     backbone = params["backbone"]
     found = {
         "backbone width": (backbone["cls_token"].shape[-1], variant.dim),

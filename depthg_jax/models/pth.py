@@ -16,6 +16,13 @@ metadata. ``load_pth(path, lightning=True)`` loads exactly the names in
 nothing is imported and no code of those classes runs. Every other name is still refused.
 :func:`to_plain` turns the placeholders back into plain dicts, lists and scalars.
 
+Resources are bounded by what the file declares, so a small hostile file cannot exhaust
+memory or time: a tensor never has more elements than its storage (no stride-0 expansion); each
+zip entry is streamed into a buffer of the size the pickle declares for it (a storage: numel x
+itemsize; data.pkl: MAX_PICKLE_BYTES) and refused when it declares or holds more (a deflated
+bomb); :func:`to_plain` refuses cyclic graphs and ones deeper than MAX_DEPTH or larger than
+MAX_NODES (:class:`GraphError`). Each is a one-line error naming the file.
+
 Legacy (pre-1.6, non-zip) torch pickles are refused with a clear error: torch.save has written
 zip archives by default since torch 1.6 (2020), and Lightning saves checkpoints with
 torch.save, so the STEGO (2022) and DepthG (2023, torch 2.0) releases are zip archives.
@@ -24,15 +31,26 @@ torch.save, so the STEGO (2022) and DepthG (2023, torch 2.0) releases are zip ar
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import math
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+# The pickle (data.pkl) holds names and geometry only, never tensor data: a few MB at most.
+MAX_PICKLE_BYTES = 256 << 20
+# Bounds of the object graphs `to_plain` converts (Lightning hyper-parameters: ~10 levels and
+# a few hundred values): deeper, larger (shared references count each time they are reached,
+# as the plain copy repeats them) or cyclic graphs are refused with `GraphError`.
+MAX_DEPTH = 64
+MAX_NODES = 100_000
 
 # torch storage class name -> numpy dtype of its elements.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -70,6 +88,14 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) ->
         raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
     if 0 in size:
         return np.zeros(size, storage.dtype)
+    numel = math.prod(size)
+    if numel > storage.size:
+        # Overlapping strides (an expanded view, or a hostile stride-0 geometry) would
+        # materialise more elements than the file holds; weights never need that.
+        raise pickle.UnpicklingError(
+            f"tensor of size {size} (stride {stride}) has {numel} elements but its storage "
+            f"holds {storage.size}: refusing to expand it"
+        )
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= storage.size:
         raise pickle.UnpicklingError(
@@ -211,45 +237,101 @@ def _is_omegaconf(obj: Any, name: str) -> bool:
 _INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
 
 
-def to_plain(obj: Any) -> Any:
+class GraphError(ValueError):
+    """An object graph `to_plain` refuses: cyclic, too deep or too large."""
+
+
+class _Walk:
+    """Bounds a recursive walk: nodes reached (shared ones each time), depth, and cycles."""
+
+    def __init__(self, max_depth: int, max_nodes: int):
+        self.max_depth, self.max_nodes = max_depth, max_nodes
+        self.nodes = 0
+        self.path: set[int] = set()  # ids of the containers being walked
+
+    def visit(self, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            raise GraphError(f"hold more than {self.max_nodes} values (shared references repeat)")
+        if depth > self.max_depth:
+            raise GraphError(f"nest deeper than {self.max_depth} levels")
+
+    @contextlib.contextmanager
+    def inside(self, container: Any) -> Iterator[None]:
+        if id(container) in self.path:
+            raise GraphError(f"contain themselves (a cycle through a {type(container).__name__})")
+        self.path.add(id(container))
+        try:
+            yield
+        finally:
+            self.path.discard(id(container))
+
+
+def to_plain(obj: Any, *, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
     """Placeholders -> plain Python: OmegaConf containers to dicts/lists of their values.
 
     Arrays and scalars are returned as they are; an InertDict becomes a dict; any other
     placeholder becomes ``{"__class__": name, "state": to_plain(state)}``. Whole-string
     interpolations ``${a.b}`` are resolved against their root config (as OmegaConf does);
-    other interpolations stay strings.
+    other interpolations stay strings. A graph that is cyclic, nests deeper than max_depth or
+    reaches more than max_nodes values (the result's size: shared references repeat) raises
+    `GraphError`, as does a result that interpolations made so.
     """
-    return _to_plain(obj)
+    plain = _to_plain(obj, _Walk(max_depth, max_nodes), 0)
+    _count(plain, _Walk(max_depth, max_nodes), 0)
+    return plain
 
 
-def _to_plain(obj: Any) -> Any:
+def _count(obj: Any, walk: _Walk, depth: int) -> None:
+    """Walks a plain result as a consumer (JSON) would, with the same bounds."""
+    walk.visit(depth)
+    if isinstance(obj, (dict, list, tuple)):
+        with walk.inside(obj):
+            for v in obj.values() if isinstance(obj, dict) else obj:
+                _count(v, walk, depth + 1)
+
+
+def _to_plain(obj: Any, walk: _Walk, depth: int) -> Any:
+    walk.visit(depth)
     if isinstance(obj, InertObject):
-        state = obj.state if isinstance(obj.state, dict) else {}
-        if obj.pickled_name.startswith("omegaconf.nodes."):
-            return _to_plain(state.get("_val"))
-        if _is_omegaconf(obj, "omegaconf.dictconfig.DictConfig"):
-            content = state.get("_content")
-            if not isinstance(content, dict):
-                return content  # None, "???" (missing) or an interpolation string
-            plain = {str(k): _to_plain(v) for k, v in content.items()}
-            if state.get("_parent") is None:  # a root config: interpolations refer to it
-                for _ in range(8):  # a few rounds resolve chains of interpolations
-                    if not _resolve(plain, plain):
-                        break
-            return plain
-        if _is_omegaconf(obj, "omegaconf.listconfig.ListConfig"):
-            content = state.get("_content")
-            if isinstance(content, list):
-                return [_to_plain(v) for v in content]
-            return content
-        return {"__class__": obj.pickled_name, "state": _to_plain(obj.state)}
+        with walk.inside(obj):
+            return _inert_to_plain(obj, walk, depth)
     if isinstance(obj, TypeReference):
         return obj.name
     if isinstance(obj, dict):
-        return {k if isinstance(k, (str, int)) else repr(k): _to_plain(v) for k, v in obj.items()}
+        with walk.inside(obj):
+            return {
+                k if isinstance(k, (str, int)) else repr(k): _to_plain(v, walk, depth + 1)
+                for k, v in obj.items()
+            }
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_plain(v) for v in obj)
+        with walk.inside(obj):
+            return type(obj)(_to_plain(v, walk, depth + 1) for v in obj)
     return obj
+
+
+def _inert_to_plain(obj: InertObject, walk: _Walk, depth: int) -> Any:
+    state = obj.state if isinstance(obj.state, dict) else {}
+    if obj.pickled_name.startswith("omegaconf.nodes."):
+        return _to_plain(state.get("_val"), walk, depth + 1)
+    if _is_omegaconf(obj, "omegaconf.dictconfig.DictConfig"):
+        content = state.get("_content")
+        if not isinstance(content, dict):
+            return content  # None, "???" (missing) or an interpolation string
+        with walk.inside(content):
+            plain = {str(k): _to_plain(v, walk, depth + 1) for k, v in content.items()}
+        if state.get("_parent") is None:  # a root config: interpolations refer to it
+            for _ in range(8):  # a few rounds resolve chains of interpolations
+                if not _resolve(plain, plain, _Walk(walk.max_depth, walk.max_nodes), 0):
+                    break
+        return plain
+    if _is_omegaconf(obj, "omegaconf.listconfig.ListConfig"):
+        content = state.get("_content")
+        if isinstance(content, list):
+            with walk.inside(content):
+                return [_to_plain(v, walk, depth + 1) for v in content]
+        return content
+    return {"__class__": obj.pickled_name, "state": _to_plain(obj.state, walk, depth + 1)}
 
 
 def _lookup(root: dict, dotted: str) -> Any:
@@ -261,19 +343,21 @@ def _lookup(root: dict, dotted: str) -> Any:
     return node
 
 
-def _resolve(tree: Any, root: dict) -> bool:
+def _resolve(tree: Any, root: dict, walk: _Walk, depth: int) -> bool:
     """Replaces resolvable ``${a.b}`` strings in place; True if anything changed."""
+    walk.visit(depth)
     changed = False
     items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in list(items):
-        if isinstance(value, str) and (match := _INTERPOLATION.match(value)):
-            try:
-                tree[key] = _lookup(root, match.group(1))
-                changed = True
-            except KeyError:
-                pass
-        elif isinstance(value, (dict, list)):
-            changed |= _resolve(value, root)
+    with walk.inside(tree):
+        for key, value in list(items):
+            if isinstance(value, str) and (match := _INTERPOLATION.match(value)):
+                try:
+                    tree[key] = _lookup(root, match.group(1))
+                    changed = True
+                except KeyError:
+                    pass
+            elif isinstance(value, (dict, list)):
+                changed |= _resolve(value, root, walk, depth + 1)
     return changed
 
 
@@ -325,16 +409,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def _read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
         name = f"{self._root}/data/{key}"
-        try:
-            raw = self._archive.read(name)
-        except KeyError:
-            raise pickle.UnpicklingError(f"storage {name} missing from the archive") from None
-        if len(raw) < numel * dtype.itemsize:
-            raise pickle.UnpicklingError(
-                f"storage {name} holds {len(raw)} bytes, expected {numel * dtype.itemsize}"
-            )
+        if numel < 0:
+            raise pickle.UnpicklingError(f"storage {name} declares {numel} elements")
+        raw = read_entry(self._archive, name, numel * dtype.itemsize, exact=True)
         order = "<" if self._byteorder == "little" else ">"
-        return np.frombuffer(raw, dtype.newbyteorder(order), count=numel).astype(dtype)
+        return raw.view(dtype.newbyteorder(order)).astype(dtype, copy=False)
+
+
+def read_entry(archive: zipfile.ZipFile, name: str, size: int, *, exact: bool) -> np.ndarray:
+    """The bytes of a zip entry (uint8), streamed into a buffer of at most `size` bytes.
+
+    An entry whose declared uncompressed size exceeds `size` is refused before anything is
+    decompressed (a deflated entry of zeros can expand a thousandfold), and reading stops at
+    `size` whatever the entry holds. exact: the entry must hold exactly `size` bytes.
+    """
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise pickle.UnpicklingError(f"entry {name} missing from the archive") from None
+    if info.file_size > size:
+        raise pickle.UnpicklingError(
+            f"entry {name} declares {info.file_size} bytes uncompressed, more than the {size} "
+            "it may hold (a zip bomb?)"
+        )
+    # Compression never grows data by more than a fraction: a longer compressed stream holds
+    # more than the entry declares (reading would stop at the declared size; refuse instead).
+    if info.compress_type != zipfile.ZIP_STORED and info.compress_size > (
+        info.file_size + info.file_size // 64 + 1024
+    ):
+        raise pickle.UnpicklingError(
+            f"entry {name} has {info.compress_size} compressed bytes for the {info.file_size} it "
+            "declares: it holds more than it says (a zip bomb?)"
+        )
+    buffer = np.empty(info.file_size, np.uint8)
+    view, got = memoryview(buffer), 0
+    with archive.open(info) as f:
+        while got < info.file_size:
+            n = f.readinto(view[got : got + (1 << 24)])
+            if not n:
+                break
+            got += n
+    if got < (size if exact else info.file_size):
+        raise pickle.UnpicklingError(f"entry {name} holds {got} bytes, expected {size}")
+    return buffer
 
 
 def _find_root(archive: zipfile.ZipFile, path: Path) -> str:
@@ -364,13 +481,15 @@ def load_pth(path: str | Path, *, lightning: bool = False) -> Any:
     with archive:
         root = _find_root(archive, path)
         try:
-            byteorder = archive.read(f"{root}/byteorder").decode().strip()
-        except KeyError:
             byteorder = "little"
-        try:
-            data = archive.read(f"{root}/data.pkl")
-            return _RestrictedUnpickler(data, archive, root, byteorder, lightning).load()
+            if f"{root}/byteorder" in archive.namelist():
+                byteorder = read_entry(archive, f"{root}/byteorder", 16, exact=False)
+                byteorder = byteorder.tobytes().decode().strip()
+            data = read_entry(archive, f"{root}/data.pkl", MAX_PICKLE_BYTES, exact=False)
+            return _RestrictedUnpickler(data.tobytes(), archive, root, byteorder, lightning).load()
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{path}: {e}") from None
+        except MemoryError as e:
+            raise ValueError(f"{path}: a tensor needs more memory than there is ({e})") from e
         except Exception as e:  # any other failure means a damaged file, never code run
             raise ValueError(f"{path}: corrupt torch file: {e}") from e

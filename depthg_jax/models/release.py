@@ -39,7 +39,7 @@ import numpy as np
 from depthg_jax import commands
 from depthg_jax.models import pth
 from depthg_jax.models.convert import convert_state_dict, infer_architecture
-from depthg_jax.models.vit import VARIANTS, get_variant
+from depthg_jax.models.variants import VARIANTS, get_variant
 
 SOURCE_FILE = "source.json"
 BACKBONE_PREFIX = "net.model."
@@ -113,6 +113,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ReleaseError(
             f"{path}: not a Lightning checkpoint (no 'state_dict' entry; found {keys})"
         )
+    try:  # Converted here, once and bounded, so every later use holds plain, finite data.
+        ckpt["hyper_parameters"] = pth.to_plain(ckpt.get("hyper_parameters") or {})
+    except pth.GraphError as e:
+        raise ReleaseError(
+            f"{path}: its hyper_parameters {e}, which no Lightning checkpoint does; refusing it"
+        ) from None
     return ckpt
 
 

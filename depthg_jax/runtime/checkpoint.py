@@ -332,11 +332,14 @@ def verify_export(path: str) -> int:
 _ADDED_TO_EXPORTS = ("eval",)
 
 
-def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
+def load_export(
+    path: str, *, unverified: bool = False
+) -> tuple[ml_collections.ConfigDict, dict]:
     """Loads (config, params) written by `save_export`, checked to fit the config's model.
 
-    The files are verified against the export's manifest first (IntegrityError naming the
-    file); an export written before manifests existed loads with a warning."""
+    The files are verified against the export's manifest first, as `export --verify` does
+    (IntegrityError naming the file); an export without its manifest is refused the same
+    way, unless `unverified` (an explicit choice: loaded with a warning)."""
     path = os.path.abspath(path)
     config_file = os.path.join(path, _CONFIG_FILE)
     params_dir = os.path.join(path, _PARAMS_DIR)
@@ -345,11 +348,21 @@ def load_export(path: str) -> tuple[ml_collections.ConfigDict, dict]:
             f"{path} is not a depthg-jax export (needs {_CONFIG_FILE} and {_PARAMS_DIR}/); "
             "make one with `python -m depthg_jax.export --workdir=W --out=DIR`"
         )
-    if integrity.has_manifest(path):
-        verify_export(path)
+    if unverified and not integrity.has_manifest(path):
+        warnings.warn(
+            f"export {path} has no {integrity.MANIFEST}: loading it unverified, as asked",
+            stacklevel=2,
+        )
     else:
-        warnings.warn(f"export {path} has no {integrity.MANIFEST}: loading it unverified",
-                      stacklevel=2)  # fmt: skip
+        try:
+            verify_export(path)
+        except integrity.IntegrityError as e:
+            if integrity.has_manifest(path):
+                raise
+            raise integrity.IntegrityError(
+                f"{e}; its files cannot be checked. Re-export it, or load it anyway with "
+                "--unverified (unverified=True)"
+            ) from None
     with open(config_file) as f:
         config = ml_collections.ConfigDict(json.load(f))
     with _single_process_checkpointer() as checkpointer:

@@ -12,6 +12,30 @@ from typing import BinaryIO
 
 import numpy as np
 
+_TMP_MARK = "-w-"  # .<name>.<pid>-w-<random>.tmp: a temporary file of write_atomic
+_cleaned_dirs: set[str] = set()
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Removes write_atomic's temporary files in `directory` whose writer process is gone (a
+    killed run's leftovers); once per directory and process. Returns the names removed."""
+    directory = os.path.abspath(directory)
+    if directory in _cleaned_dirs:
+        return []
+    _cleaned_dirs.add(directory)
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(".tmp") and _TMP_MARK in name):
+                continue
+            pid = name.rsplit(_TMP_MARK, 1)[0].rsplit(".", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed.append(name)
+    return removed
+
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """`write(fileobj)` fills a temporary file beside `path`, then it is renamed over `path`.
@@ -21,7 +45,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", suffix=".tmp"
+    )
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; follow the umask
         with os.fdopen(fd, "wb") as f:

@@ -54,7 +54,9 @@ def _batch_example_ids(config, batch_index: int) -> list[str]:
         from depthg_jax.data import knn, streams
 
         source = pipeline.make_source(config.data, config.data.train_split)
-        neighbors = knn.load_knn_table(pipeline.knn_path(config.data), source.ids)
+        neighbors = knn.load_knn_table(
+            pipeline.knn_path(config.data), source.ids, num_neighbors=config.data.num_neighbors
+        )
         stream = streams.TrainStream(
             source, neighbors, res=config.data.train_res, num_neighbors=config.data.num_neighbors,
             seed=config.seed, global_batch_size=config.train.batch_size, process_index=0,

@@ -29,9 +29,9 @@ import numpy as np
 from depthg_jax import config as config_lib
 from depthg_jax.evaluation import evaluator, reports
 from depthg_jax.method import objective as objective_lib
-from depthg_jax.runtime import checkpoint, distributed, files, sharding, xla
+from depthg_jax.runtime import checkpoint, distributed, files, sharding
 from depthg_jax.runtime.metric_writer import MetricWriter
-from depthg_jax.training import exports, finite, loop, summaries, sweep
+from depthg_jax.training import exports, loop, summaries, sweep
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import workdir as workdir_lib
 
@@ -99,20 +99,7 @@ def make_population_step(parallelism: str, spec, objective, mesh):
     """The jitted population step (state donated, outputs replicated; one compile per S)."""
     if parallelism != "jit":
         raise ValueError(f'sweep mode runs with train.parallelism="jit", not {parallelism!r}')
-    replicated = sharding.replicated(mesh)
-
-    @xla.jit(static_argnames=("num_side",), donate_argnums=(0,))
-    def step_fn(state, backbone_params, batch, root_key, hp, num_side):
-        new_state, out = population_train_step(
-            state, backbone_params, batch, root_key, hp,
-            spec=spec, objective=objective, num_side=num_side,
-        )  # fmt: skip
-        out["finite"] = finite.all_finite(out, new_state)
-        new_state = jax.lax.with_sharding_constraint(new_state, replicated)
-        out = jax.lax.with_sharding_constraint(out, replicated)
-        return new_state, out
-
-    return step_fn
+    return step_lib.jit_program(population_train_step, spec, objective, mesh)
 
 
 # --------------------------------------------------------------------------------------

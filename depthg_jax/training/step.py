@@ -104,11 +104,9 @@ def train_step(
     """One optimiser update on one global batch. RNG is fold_in(root_key, step): resumable."""
     key = jax.random.fold_in(root_key, state.step)
     feats, feats_pos = objective_lib.pair_features(spec, backbone_params, batch)
-    new_state, metrics = update_from_features(
+    return update_from_features(
         state, feats, feats_pos, batch, key, hp, spec=spec, objective=objective, num_side=num_side
     )
-    metrics["finite"] = finite.all_finite(metrics, new_state)
-    return new_state, metrics
 
 
 def make_train_step(parallelism: str, spec, objective, mesh):
@@ -120,19 +118,26 @@ def make_train_step(parallelism: str, spec, objective, mesh):
 
 def make_jit_train_step(spec, objective, mesh):
     """The jitted step: state donated, outputs replicated; one compile per distinct S."""
+    return jit_program(train_step, spec, objective, mesh)
+
+
+def jit_program(body, spec, objective, mesh):
+    """A step body (train_step, a population's step) as one program over the mesh: state
+    donated, the finite flag added, outputs replicated; one compile per distinct S."""
     replicated = sharding.replicated(mesh)
 
     @xla.jit(static_argnames=("num_side",), donate_argnums=(0,))
-    def step_fn(state, backbone_params, batch, root_key, hp, num_side):
-        new_state, metrics = train_step(
+    def program(state, backbone_params, batch, root_key, hp, num_side):
+        new_state, metrics = body(
             state, backbone_params, batch, root_key, hp,
             spec=spec, objective=objective, num_side=num_side,
         )  # fmt: skip
+        metrics["finite"] = finite.all_finite(metrics, new_state)
         new_state = jax.lax.with_sharding_constraint(new_state, replicated)
         metrics = jax.lax.with_sharding_constraint(metrics, replicated)
         return new_state, metrics
 
-    return step_fn
+    return program
 
 
 def make_pmap_train_step(spec, objective, mesh):

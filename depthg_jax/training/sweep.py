@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from depthg_jax import config as config_lib
-from depthg_jax.models import vit
+from depthg_jax.models import variants
 
 SAMPLING_FIELD = "loss.sampling"
 MEMBER_FIELDS = config_lib.MEMBER_FIELDS
@@ -239,13 +239,13 @@ def estimate_member_bytes(config: ml_collections.ConfigDict) -> int:
     its two dropout masks and hidden layer (3 x C channels) and the code with its
     intermediates (4 x K), at every feature-grid point of the batch, float32.
     """
-    c = vit.embed_dim(config.model.variant)
+    c = variants.embed_dim(config.model.variant)
     k = config.model.dim
     n = config.data.n_classes
     head = c * k + k + c * c + c + c * k + k  # linear, nonlinear_1, nonlinear_2
     probes = n * k + n * k + n
     params = head + probes
-    grid = (config.data.train_res // vit.patch_size(config.model.variant)) ** 2
+    grid = (config.data.train_res // variants.patch_size(config.model.variant)) ** 2
     acts = 2 * config.train.batch_size * grid * (3 * c + 4 * k)
     return 4 * (4 * params + acts)
 
@@ -253,7 +253,7 @@ def estimate_member_bytes(config: ml_collections.ConfigDict) -> int:
 def estimate_shared_bytes(config: ml_collections.ConfigDict) -> int:
     """Bytes the members share: the backbone's params and the forward's largest activations
     (the features of anchors and positives and one block's attention), float32."""
-    spec = vit.get_variant(config.model.variant)
+    spec = variants.get_variant(config.model.variant)
     c = spec.dim
     tokens = (config.data.train_res // spec.patch) ** 2 + 1 + spec.registers
     b2 = 2 * config.train.batch_size

@@ -66,7 +66,7 @@ def original_image_bytes(path: str) -> bytes | None:
     try:
         with Image.open(path) as im:
             keep = im.format in ("JPEG", "PNG") and im.mode == "RGB"
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None  # Not an image PIL opens (e.g. a .mat): encoded from the decoded array.
     if not keep:
         return None
