@@ -75,9 +75,9 @@ def test_image_summary_drops_the_label_column_when_nothing_is_labelled(tiny_conf
         "valid": np.array([True, True]),
     }
     params = model_lib.init_params(model_lib.ModelSpec.from_config(config), jax.random.key(0))
-    unlabelled = summaries.render_image_summary(params, config, [batch], None)
+    unlabelled = summaries.write_image_summary(None, 0, params, config, [batch], None)
     batch["label"] = rng.integers(0, config.data.n_classes, (2, res, res)).astype(np.int32)
-    labelled = summaries.render_image_summary(params, config, [batch], None)
+    labelled = summaries.write_image_summary(None, 0, params, config, [batch], None)
     scale = -(-summaries.MIN_TILE // res)
     assert unlabelled.shape[1] == 3 * (res * scale + 2) + 2
     assert labelled.shape[1] == 4 * (res * scale + 2) + 2

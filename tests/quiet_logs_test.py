@@ -21,24 +21,13 @@ LIBRARY_LINES = ("Unable to initialize backend", "_NonBlockingMetadataStore", "o
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    """A mu/8 export of the demo config on a generated 5-image synthetic validation split."""
-    from configs import demo
-    from depthg_jax.data import synthetic
-    from depthg_jax.runtime import checkpoint
+    """A mu/8 export of the demo config on a generated 5-image synthetic validation split,
+    and a folder with one image to segment."""
+    from support import synthetic_export
 
     root = tmp_path_factory.mktemp("quiet")
-    config = demo.get_config()
-    config.data.root = str(root / "data")
-    config.data.synthetic_train, config.data.synthetic_val = 1, 5
-    config.data.synthetic_size = 48
-    config.data.eval_res = 32
-    config.eval.batch_size = 8
-    synthetic.generate_dataset(
-        config.data.root, num_train=1, num_val=5, size=48, seed=config.data.synthetic_seed
-    )
-    spec = model_lib.ModelSpec.from_config(config)
-    params = model_lib.init_params(spec, jax.random.key(0))
-    checkpoint.save_export(str(root / "export"), config, params)
+    spec = model_lib.ModelSpec("mu/8", 32, 6)
+    synthetic_export(root, model_lib.init_params(spec, jax.random.key(0)))
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

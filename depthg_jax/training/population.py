@@ -12,7 +12,7 @@ trains exactly as a single run with member i's settings, and comparisons are pai
 Validation scores every member on the same evaluation batches with one backbone forward per
 batch (the heads and probes then run member by member). `train_and_evaluate` is the sweep
 trainer: one Orbax checkpoint holds the whole population, SIGTERM saves and exits as in a
-single run, and the outputs are the final table, sweep.json, TensorBoard scalars per member,
+single run, and the outputs are the final table, sweep.json, a TensorBoard run per member,
 the best member's export and a picture of the metric per member against each swept value.
 """
 

@@ -85,19 +85,25 @@ def titled_grid(
     return np.concatenate(parts, axis=0)
 
 
-def render_image_summary(
+def write_image_summary(
+    workdir: str | None,
+    step: int,
     params: dict,
     config: ml_collections.ConfigDict,
     loader,
     val_result: dict | None,
     max_images: int = 4,
 ) -> np.ndarray | None:
-    """The grid of the first evaluation batch: image | depth | prediction | label (the label
-    column only when the batch has labelled pixels); None without valid images.
+    """The grid of the first evaluation batch, image | depth | prediction | label (the label
+    column only when the batch has labelled pixels), written to
+    `<workdir>/images/step_<step>.png` unless workdir is None; returned on process 0 (None on
+    the others and without valid images).
 
     Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
     one is given, so prediction and label colours agree (the title says which).
     """
+    if jax.process_index() != 0:
+        return None
     batch = next(iter(loader))
     valid = np.asarray(batch["valid"], bool)
     images = np.asarray(batch["image"])[valid][:max_images]
@@ -124,28 +130,11 @@ def render_image_summary(
         if labels is not None:
             row.append(palette.colorize(labels[i], colours))
         rows.append(row)
-    return titled_grid(rows, titles, depth_column=1, classes=(names, colours))
-
-
-def write_image_summary(
-    workdir: str | None,
-    step: int,
-    params: dict,
-    config: ml_collections.ConfigDict,
-    loader,
-    val_result: dict | None,
-    max_images: int = 4,
-) -> np.ndarray | None:
-    """Writes `<workdir>/images/step_<step>.png` (render_image_summary; no file when workdir is
-    None) on process 0 and returns the grid (None on other processes or without valid images)."""
-    if jax.process_index() != 0:
-        return None
-    grid = render_image_summary(params, config, loader, val_result, max_images)
-    if grid is None or workdir is None:
-        return grid
-    directory = os.path.join(workdir, "images")
-    os.makedirs(directory, exist_ok=True)
-    files.save_image_atomic(os.path.join(directory, f"step_{step:06d}.png"), grid)
+    grid = titled_grid(rows, titles, depth_column=1, classes=(names, colours))
+    if workdir is not None:
+        directory = os.path.join(workdir, "images")
+        os.makedirs(directory, exist_ok=True)
+        files.save_image_atomic(os.path.join(directory, f"step_{step:06d}.png"), grid)
     return grid
 
 
