@@ -4,7 +4,6 @@ protocol on an export (depthg_jax.evaluation.evaluator), with its report."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 import jax
 from absl import app, flags
@@ -16,7 +15,7 @@ from depthg_jax.data import palette, pipeline
 from depthg_jax.evaluation import reports
 from depthg_jax.evaluation.evaluator import evaluate_loader
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, distributed, sharding
+from depthg_jax.runtime import checkpoint, distributed, files, sharding
 
 # --- Command line ------------------------------------------------------------------------------
 
@@ -61,7 +60,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
     """
     out_dir = out_dir or os.path.join(checkpoint_dir, "eval")
     if jax.process_index() == 0:
-        check_writable(out_dir)  # before minutes of evaluation, not after
+        files.check_writable(out_dir)  # before minutes of evaluation, not after
     config, params = checkpoint.load_export(checkpoint_dir)
     selection = checkpoint.load_selection(checkpoint_dir)
     if config_override is not None:
@@ -100,16 +99,6 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
             raise OSError(e.errno, f"could not write the report to {out_dir} ({e}); the "
                           "scores are printed above") from e  # fmt: skip
     return results, names, paths, selection
-
-
-def check_writable(out_dir: str) -> None:
-    """Creates out_dir and writes a probe file there; OSError naming the folder otherwise."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, f"--out={out_dir} is not writable ({e.strerror})") from e
 
 
 def main(argv):

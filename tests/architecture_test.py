@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "depthg_jax"
 REPO = PACKAGE.parent
 # The layers, by folder (README, Layout): commands -> drivers (training/, evaluation/) ->
@@ -113,6 +115,7 @@ def test_the_layer_check_finds_a_planted_upward_import(tmp_path, monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_loading_a_config_file_imports_no_jax_and_works_from_any_directory(tmp_path):
     check = (
         "import importlib.util, sys\n"
@@ -132,6 +135,7 @@ def test_loading_a_config_file_imports_no_jax_and_works_from_any_directory(tmp_p
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.slow
 def test_no_file_of_the_repo_cites_material_outside_it():
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
@@ -146,6 +150,7 @@ def test_no_file_of_the_repo_cites_material_outside_it():
     assert not citing, citing
 
 
+@pytest.mark.slow
 def test_a_plain_install_works_from_any_directory(tmp_path):
     """pip install (not editable) into a fresh folder, then class names and 2 demo steps from
     another working directory with the config given by absolute path."""

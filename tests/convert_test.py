@@ -265,6 +265,7 @@ def test_cli_without_weights_offline_says_how_to_pass_a_file(tmp_path, monkeypat
     assert "no official DINO weights for variant 'mu/8'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_cli_runs_as_script_without_torch(state, tmp_path):
     weights = write_dino_formats(state, tmp_path)["full.pth"]
     # The package reads .pth files without torch: the converter never imports it.

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 from cli import run_cli
 from PIL import Image
 
@@ -40,6 +41,7 @@ def test_boxes_are_four_corners_and_the_centre_of_half_size():
     ]
 
 
+@pytest.mark.slow
 def test_crops_keep_image_label_and_depth_aligned(tmp_path):
     src_root, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_cityscapes(src_root)
@@ -62,6 +64,7 @@ def test_crops_keep_image_label_and_depth_aligned(tmp_path):
             np.testing.assert_array_equal(c["label"], ex["label"][win])
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_an_interrupted_run_resumes(tmp_path):
     src_root, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_cityscapes(src_root)

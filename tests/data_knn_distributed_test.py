@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from depthg_jax.data import knn
+
+pytestmark = pytest.mark.slow  # trains, or runs several processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -78,6 +78,7 @@ def test_depth_follows_the_scene_geometry():
     assert depth[-1][ground[-1]].max() < depth[label == synthetic.BUILDING].min()
 
 
+@pytest.mark.slow
 def test_cli_writes_the_set(tmp_path):
     args = ["--out", tmp_path / "cli", "--num_train=2", "--num_val=1", "--size=32"]
     run_cli("depthg_jax.data.synthetic", args, check=True)

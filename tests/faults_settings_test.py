@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import support
 from support import tiny_config
 
 from depthg_jax import config as config_lib
@@ -68,6 +69,7 @@ def make_export(path):
     return path
 
 
+@pytest.mark.slow
 def test_an_export_without_its_manifest_is_refused_unless_unverified(tmp_path):
     export = make_export(tmp_path / "exp")
     os.remove(export / integrity.MANIFEST)
@@ -84,6 +86,7 @@ def test_an_export_without_its_manifest_is_refused_unless_unverified(tmp_path):
     assert set(params) == set(model_lib.PARAM_KEYS)
 
 
+@pytest.mark.slow
 def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -96,3 +99,20 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
     files.write_text_atomic(tmp_path / "c.txt", "done")
     assert not stale.exists() and alive.exists() and unrelated.exists()
     assert (tmp_path / "c.txt").read_text() == "done"
+
+
+@pytest.mark.slow
+def test_unwritable_outputs_fail_first_in_one_line(tmp_path):
+    # A regular file where a folder should be: unwritable for root too (chmod is not).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    demo = support.REPO_CONFIGS / "demo.py"
+    cases = [
+        (["depthg_jax.main", f"--config={demo}", f"--workdir={blocker / 'w'}"], "--workdir="),
+        (["depthg_jax.export", f"--workdir={tmp_path}", f"--out={blocker / 'x'}"], "--out"),
+    ]
+    for args, flag in cases:
+        out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 1 and "is not writable" in last and flag in last, out.stderr
+        assert "Traceback" not in out.stderr

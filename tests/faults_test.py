@@ -86,6 +86,7 @@ def flip_bytes(path, n=64, seed=0):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage", ["flip_state", "truncate_state", "delete_metadata", "delete_data_metadata"]
 )
@@ -119,6 +120,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(copy, 
         checkpoint.restore_train_state(manager3, abstract, 3)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_an_error_not_a_silent_restart(copy):
     for step in (2, 3, 4):
         (copy / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
@@ -129,6 +131,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_silent_restart(copy):
             checkpoint.restore_train_state(manager, abstract)
 
 
+@pytest.mark.slow
 def test_a_bit_flipped_export_is_refused_naming_the_file(copy, capsys):
     exp = copy / "export"
     assert "export intact" in export.verify(str(exp))
@@ -152,6 +155,7 @@ def test_a_bit_flipped_export_is_refused_naming_the_file(copy, capsys):
     assert not (copy / "seg").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_step_directory_verifies_by_hand(copy):
     step = copy / "checkpoints" / "3"
     assert "intact" in export.verify(str(step))
@@ -165,6 +169,7 @@ def test_checkpoint_step_directory_verifies_by_hand(copy):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -191,6 +196,7 @@ def test_resume_with_a_run_changing_field_is_refused_before_anything_is_written(
     assert not (copy / workdir.LOCK_FILE).exists()  # the lock is released on errors
 
 
+@pytest.mark.slow
 def test_allowed_changes_resume_and_are_recorded(copy):
     config = tiny_config(**{"train.checkpoint_every": 1, "train.log_every": 2,
                             "train.num_steps": 6, "eval.crf": True})  # fmt: skip
@@ -202,6 +208,7 @@ def test_allowed_changes_resume_and_are_recorded(copy):
     assert set(record["changes"]) == {"train.num_steps", "train.log_every", "eval.crf"}
 
 
+@pytest.mark.slow
 def test_logs_without_checkpoints_refuse_unless_restart_then_nothing_is_deleted(copy):
     shutil.rmtree(copy / "checkpoints")
     config = config_lib.resolve(tiny_config(), str(copy))
@@ -218,6 +225,7 @@ def test_logs_without_checkpoints_refuse_unless_restart_then_nothing_is_deleted(
     assert not (copy / "metrics.jsonl").exists() and (copy / "synthetic_data").is_dir()
 
 
+@pytest.mark.slow
 def test_resume_after_damage_extends_the_run_without_duplicate_rows_and_keeps_the_old_export(
     copy,
 ):
@@ -242,6 +250,7 @@ def test_resume_after_damage_extends_the_run_without_duplicate_rows_and_keeps_th
     assert not list(copy.glob(".export*")) and not list(copy.glob(".*.new-*"))
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_rewrites_nothing(copy):
     (copy / "export" / "eval").mkdir()
     (copy / "export" / "eval" / "report.md").write_text("kept")
@@ -266,6 +275,7 @@ def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_holder(copy):
     holder = subprocess.Popen(
         [sys.executable, "-c",
@@ -312,6 +322,7 @@ def infinite_learning_rate(monkeypatch):
     monkeypatch.setattr(objective_lib, "hparams", hparams)
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_stops_before_it_is_checkpointed_naming_step_and_examples(
     run_dir, tmp_path, monkeypatch
 ):
@@ -326,6 +337,7 @@ def test_a_non_finite_step_stops_before_it_is_checkpointed_naming_step_and_examp
     assert not ckpts.exists() or not [p for p in os.listdir(ckpts)]  # nothing saved, no tmp
 
 
+@pytest.mark.slow
 def test_the_first_non_finite_step_is_named_when_flags_are_checked_in_a_batch(
     run_dir, tmp_path, monkeypatch
 ):
@@ -375,6 +387,7 @@ def test_nan_weights_are_rejected_by_name_at_conversion_and_load(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_at_start_exits_zero_with_a_message(run_dir, tmp_path, sig):
     wd = tmp_path / "w"
@@ -399,6 +412,7 @@ def test_a_signal_at_start_exits_zero_with_a_message(run_dir, tmp_path, sig):
     assert not (wd / workdir.LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_saves_a_sealed_checkpoint_and_returns(run_dir, tmp_path, monkeypatch):
     make = step_lib.make_train_step
 
@@ -433,6 +447,7 @@ def test_second_ctrl_c_exits_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow
 def test_an_exception_during_an_async_save_leaves_no_temporary_checkpoint(copy):
     manager, abstract = manager_and_abstract(copy)
     state, data_state, _ = checkpoint.restore_train_state(manager, abstract)
@@ -451,6 +466,7 @@ def test_an_exception_during_an_async_save_leaves_no_temporary_checkpoint(copy):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_checks_out_first_and_prints_scores_when_the_disk_is_full(
     copy, monkeypatch, capsys
 ):
@@ -473,6 +489,7 @@ def test_evaluate_checks_out_first_and_prints_scores_when_the_disk_is_full(
     assert "cluster" in printed.lower() and "%" in printed or "miou" in printed.lower()
 
 
+@pytest.mark.slow
 def test_a_full_disk_never_leaves_partial_files_or_loses_the_old_export(copy, monkeypatch):
     target = copy / "note.txt"
     target.write_text("old")
@@ -500,6 +517,7 @@ def test_a_full_disk_never_leaves_partial_files_or_loses_the_old_export(copy, mo
     checkpoint.verify_export(str(copy / "export"))
 
 
+@pytest.mark.slow
 def test_segment_keeps_same_stem_outputs_apart_and_refuses_out_inside_images(run_dir, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -527,6 +545,7 @@ def test_five_crop_refuses_an_output_inside_its_source(tmp_path):
     five_crop.check_out_dir(str(tmp_path / "a"), str(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_a_killed_exports_empty_folder_is_removed_by_the_next_export(run_dir, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -539,6 +558,7 @@ def test_a_killed_exports_empty_folder_is_removed_by_the_next_export(run_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "e"]
 
 
+@pytest.mark.slow
 def test_written_files_and_exports_follow_the_umask(run_dir, tmp_path):
     old = os.umask(0o022)
     try:
@@ -597,6 +617,7 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):
     assert rgb.min() == 0 and rgb.max() == 255
 
 
+@pytest.mark.slow
 def test_a_knn_table_for_the_same_ids_but_other_images_is_refused(copy):
     root = copy / "synthetic_data"
     source = datasets.make_source("synthetic", str(root), "train", 6)
@@ -611,6 +632,7 @@ def test_a_knn_table_for_the_same_ids_but_other_images_is_refused(copy):
         knn.load_knn_table(path, source.ids, fingerprint=changed)
 
 
+@pytest.mark.slow
 def test_a_truncated_knn_table_is_a_clear_error(copy):
     path = pathlib.Path(knn.knn_table_path(str(copy / "synthetic_data"), "train", "mu/8", 64))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -9,6 +9,8 @@ from depthg_jax.runtime import sharding
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import sweep
 
+pytestmark = pytest.mark.slow  # trains, or runs several processes
+
 # Four members that differ in every kind of per-member setting (weights, shifts, depth,
 # decay rate, both learning rates, and the sampling: member 3 is a STEGO-like member).
 MEMBERS = (

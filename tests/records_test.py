@@ -94,6 +94,7 @@ def assert_batches_equal(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_knn_table_beside_the_records_equals_the_loose_one(prepared):
     assert prepared["knn"].endswith("directory/train/1.0.0/knn/nns_pix_train_16.npz")
     source = records.make_source("directory", prepared["data_dir"], "train", N_CLASSES)
@@ -103,6 +104,7 @@ def test_knn_table_beside_the_records_equals_the_loose_one(prepared):
     np.testing.assert_array_equal(table, loose)
 
 
+@pytest.mark.slow
 def test_same_train_and_eval_batches_as_the_loose_files(prepared):
     rec = train_loader(config(data_dir=prepared["data_dir"]))
     loose = train_loader(config(root=prepared["crops"]))
@@ -123,6 +125,7 @@ def test_same_train_and_eval_batches_as_the_loose_files(prepared):
         assert_batches_equal(a, b)
 
 
+@pytest.mark.slow
 def test_iterator_state_round_trip(prepared):
     cfg = config(data_dir=prepared["data_dir"])
     it = train_loader(cfg)
@@ -161,6 +164,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_batches(prepared, tmp_path):
     cfg = config(data_dir=prepared["data_dir"])
     reference = train_loader(cfg)
@@ -216,6 +220,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_each_read_their_share(prepared, tmp_path):
     cfg = config(data_dir=prepared["data_dir"])
     env = dict(

@@ -4,11 +4,14 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import demo
 from depthg_jax.data import datasets, five_crop, knn, prepare, records
 from depthg_jax.training import trainer
+
+pytestmark = pytest.mark.slow  # trains, or runs several processes
 
 
 def tiny(**data):

@@ -333,6 +333,7 @@ def depthg_export(depthg, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_depthg_import_equals_the_release_forward(depthg, depthg_export):
     model, path = depthg
     config = checkpoint.load_export(str(depthg_export))[0]
@@ -357,6 +358,7 @@ def test_depthg_import_equals_the_release_forward(depthg, depthg_export):
     assert cfg["dataset_name"] == "directory" and cfg["crop_ratio"] == 224  # ${res} resolved
 
 
+@pytest.mark.slow
 def test_stego_import_equals_the_release_forward(stego, tmp_path):
     model, path = stego
     # The command line, as a user runs it (model_type "vit_mu" is no DINO name: shapes decide).
@@ -382,6 +384,7 @@ def state_checkpoint(tmp_path, model, edit, name):
     return path
 
 
+@pytest.mark.slow
 def test_unknown_state_dict_entries_are_listed(depthg, tmp_path):
     model, _ = depthg
 
@@ -396,6 +399,7 @@ def test_unknown_state_dict_entries_are_listed(depthg, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_mismatched_shapes_name_both(depthg, tmp_path):
     model, _ = depthg
 
@@ -417,6 +421,7 @@ def test_mismatched_shapes_name_both(depthg, tmp_path):
         release.import_checkpoint(path, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_hyper_parameters_that_contradict_the_weights(depthg, tmp_path):
     model, _ = depthg
     cfg = depthg_cfg(DEPTHG["dim"])
@@ -435,6 +440,7 @@ class Payload:
         return (os.system, (f"touch {self.target}",))
 
 
+@pytest.mark.slow
 def test_code_in_the_pickle_is_refused_and_never_runs(depthg, tmp_path):
     model, _ = depthg
     target = tmp_path / "payload-ran"
@@ -449,6 +455,7 @@ def test_code_in_the_pickle_is_refused_and_never_runs(depthg, tmp_path):
     assert target.exists()
 
 
+@pytest.mark.slow
 def test_placeholders_load_without_importing_omegaconf_or_lightning(monkeypatch, tmp_path):
     attribute_dict = type("AttributeDict", (dict,), {})
     fake_module(monkeypatch, "pytorch_lightning.utilities.parsing", AttributeDict=attribute_dict)
@@ -480,6 +487,7 @@ def test_placeholders_load_without_importing_omegaconf_or_lightning(monkeypatch,
         pth.load_pth(path)
 
 
+@pytest.mark.slow
 def test_segment_and_evaluate_take_the_import(depthg, depthg_export, tmp_path):
     from configs import demo
     from depthg_jax import evaluate
@@ -515,6 +523,7 @@ def test_segment_and_evaluate_take_the_import(depthg, depthg_export, tmp_path):
     assert 0 <= results["cluster"]["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_export_extra_files_are_plain_names(depthg_export, tmp_path):
     config, params = checkpoint.load_export(str(depthg_export))
     for name in ("config.json", "params", "../x.json", ""):
@@ -523,6 +532,7 @@ def test_export_extra_files_are_plain_names(depthg_export, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_a_wrong_variant_is_named_with_the_weights_shapes(depthg, tmp_path):
     _, path = depthg
     with pytest.raises(release.ReleaseError, match=r"do not match variant 'S/8'.*dim 32"):

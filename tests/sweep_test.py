@@ -64,6 +64,7 @@ def restore_population(workdir, config, step=None):
     return jax.device_get(restored), at
 
 
+@pytest.mark.slow
 def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     full = str(tmp_path / "full")
     results = population.train_and_evaluate(sweep_config(), full)

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains, or runs several processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = {

@@ -128,6 +128,7 @@ def test_batch_not_divisible_by_devices_is_refused():
         sharding.check_batch_size(12, mesh, "config.train.batch_size")
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end_then_evaluate_and_segment_the_export(tmp_path):
     from PIL import Image
 
@@ -201,6 +202,7 @@ def test_non_finite_metrics_stop_the_run_with_a_message():
         finite.check_finite(7, {"loss": np.float32(0.5), "loss_depth": np.float32(np.nan)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, res", [("v2-mu/14", 56), ("v3-mu/16", 64)])
 def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant, res):
     from PIL import Image
@@ -230,6 +232,7 @@ def test_dinov2_and_dinov3_backbones_train_export_and_segment(tmp_path, variant,
     assert written == 1 and not errors
 
 
+@pytest.mark.slow
 def test_export_best_without_a_validated_checkpoint_says_so(tmp_path):
     from depthg_jax.training import exports
 

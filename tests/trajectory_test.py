@@ -22,6 +22,8 @@ from depthg_jax.models import model as model_lib
 from depthg_jax.runtime import seeds, sharding
 from depthg_jax.training import step as step_lib
 
+pytestmark = pytest.mark.slow  # trains, or runs several processes
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 NUM_BATCHES = 14
 BATCH, RES, N_CLASSES = 4, 48, 5

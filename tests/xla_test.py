@@ -77,6 +77,7 @@ def test_choosing_compiler_options_is_refused():
         xla.jit(_dense_and_reduce, compiler_options={})
 
 
+@pytest.mark.slow
 def test_module_level_jits_do_not_start_backends_at_import():
     # jax.distributed.initialize() must be able to run after our modules are imported.
     code = (

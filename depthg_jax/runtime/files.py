@@ -93,6 +93,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def check_writable(directory: str | os.PathLike, what: str = "--out") -> None:
+    """Creates `directory` and writes a probe file there, before any long work; an OSError
+    naming the flag and the folder otherwise."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{what}={directory} is not writable ({e.strerror})") from e
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it)."""
     mask = os.umask(0o022)

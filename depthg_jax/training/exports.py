@@ -21,7 +21,7 @@ import ml_collections
 
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, seeds
+from depthg_jax.runtime import checkpoint, files, seeds
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import sweep
 
@@ -166,6 +166,9 @@ def export_run(
     step/best pick the checkpoint (default: the latest intact one); member picks a sweep's
     member (default: the finished sweep's best).
     """
+    if os.path.exists(out):
+        raise FileExistsError(f"--out={out} exists; choose a new folder (exports never overwrite)")
+    files.check_writable(os.path.dirname(os.path.abspath(out)), "the parent of --out")
     layout = read_layout(workdir)
     if member is not None and not layout.is_sweep:
         raise ValueError(f"--member={member!r}: {layout.workdir} is a single run, not a sweep")

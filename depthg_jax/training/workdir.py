@@ -60,7 +60,7 @@ class WorkdirLock:
         self._held = False
 
     def acquire(self) -> WorkdirLock:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        files.check_writable(os.path.dirname(self.path), "--workdir")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(3):
             try:
