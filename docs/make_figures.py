@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -128,8 +129,12 @@ def demo_figures(workdir: Path, today: str) -> tuple[str, dict]:
         "`python docs/make_figures.py`"
     )
     code = "\n".join(printed)
-    text = f"""One run of the command above on this project's 2-core CPU ({measured}) printed
-(the export paths, absolute in the output, shortened):
+    intro = textwrap.fill(
+        f"One run of the command above on this project's 2-core CPU ({measured}) printed (the "
+        "export paths, absolute in the output, shortened):",
+        width=96,
+    )
+    text = f"""{intro}
 
 ```
 {code}
@@ -153,17 +158,21 @@ def sweep_figures(workdir: Path, today: str, demo_results: dict | None) -> str:
         ["depthg_jax.main", "--config=configs/demo_sweep.py", f"--workdir={sweep}"],
         workdir / "sweep.log",
     )
-    table = (sweep / "sweep_table.txt").read_text().rstrip("\n")
+    printed = (sweep / "sweep_table.txt").read_text().splitlines()
+    table = "\n".join(line.rstrip() for line in printed)
     measured = (
         f"{minutes(run['wall_s'])} wall, load average {run['load']:.1f} when it started; "
         f"{today}, written by `python docs/make_figures.py`"
     )
-    text = f"""(this run: {measured})
+    text = (
+        textwrap.fill(f"(this run: {measured})", width=96)
+        + f"""
 
 ```
 {table}
 ```
 """
+    )
     if demo_results is not None:
         summary = json.loads((sweep / "sweep.json").read_text())
         member = next(m for m in summary["members"] if m["member"] == "depthg")
@@ -172,11 +181,12 @@ def sweep_figures(workdir: Path, today: str, demo_results: dict | None) -> str:
                 "val/linear_miou")  # fmt: skip
         same = all(abs(member[k] - trained[k]) < 5e-4 for k in keys)
         scores = " / ".join(f"{100 * trained[k]:.1f}" for k in keys)
-        text += (
-            f"\nThe `depthg` member {'reproduces' if same else 'does NOT reproduce'} the single "
+        sentence = (
+            f"The `depthg` member {'reproduces' if same else 'does NOT reproduce'} the single "
             f"demo run's scores (cluster / linear accuracy and mIoU {scores}"
-            f"{'' if same else ' in the demo run'}), as member i of a population should.\n"
+            f"{'' if same else ' in the demo run'}), as member i of a population should."
         )
+        text += "\n" + textwrap.fill(sentence, width=96) + "\n"
     return text
 
 
