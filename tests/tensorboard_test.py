@@ -82,6 +82,7 @@ def test_a_run_logs_config_text_pictures_confusions_and_hparams(tmp_path):
     assert session_values(reader) == expected_values(resolved_config)
     experiment = hparams_data(reader, "experiment").experiment
     assert {h.name for h in experiment.hparam_infos} == set(summaries.run_hparams(config))
+    assert not any(h.differs for h in experiment.hparam_infos)  # one session
     assert [m.name.tag for m in experiment.metric_infos] == list(summaries.HPARAM_METRICS)
     for metric in summaries.HPARAM_METRICS:  # each metric is a scalar of the session's run
         assert metric in tags["scalars"], metric
@@ -101,7 +102,16 @@ def test_a_sweep_logs_one_hparams_session_and_run_per_member(tmp_path):
     main = read_run(logdir)
     assert "config/text_summary" in main.Tags()["tensors"]
     experiment = hparams_data(main, "experiment").experiment
-    assert {"loss.depth_weight", "loss.sampling"} <= {h.name for h in experiment.hparam_infos}
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert set(infos) == set(summaries.run_hparams(resolved))
+    # What differs between members (the dashboard shows it first), with the values seen.
+    assert {name for name, h in infos.items() if h.differs} == {
+        "loss.depth_weight", "loss.sampling"
+    }  # fmt: skip
+    weight = infos["loss.depth_weight"].domain_interval
+    assert (weight.min_value, weight.max_value) == (0.0, pytest.approx(0.3))
+    sampling = infos["loss.sampling"].domain_discrete.values
+    assert [v.string_value for v in sampling] == ["fps", "random"]
     seen = set()
     for member in table:
         run = os.path.join(logdir, metric_writer.run_directory(member["name"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -117,21 +118,42 @@ class MetricWriter:
     def write_hparams(self, sessions: Mapping[str | None, Mapping], metrics: Sequence[str]) -> None:
         """Hyperparameters for the HParams dashboard: one session per run (None: the main run,
         a single training; else a member's run) with its {name: number, string or bool}, and
-        the experiment (every hyperparameter's name and the metric tags to show beside them,
-        read from each session's run) in the main run."""
+        in the main run the experiment: every hyperparameter with its values across the
+        sessions (whether they differ, so the dashboard shows those first) and the metric tags
+        read from each session's run beside them ("val/..." as validation metrics)."""
         if not self._active:
             return
-        from tensorboardX.summary import hparams
+        from tensorboard.plugins.hparams import plugin_data_pb2
 
-        union = {}
-        for values in sessions.values():
-            union.update({k: v for k, v in values.items() if k not in union})
-        experiment, _, _ = hparams(_plain(union), dict.fromkeys(metrics, 0.0))
-        self._tb.file_writer.add_summary(experiment)
-        for member, values in sessions.items():
-            _, start, _ = hparams(_plain(values), {})
-            self._writer(member).file_writer.add_summary(start)
+        start = time.time()
+        values = {member: _plain(hp) for member, hp in sessions.items()}
+        self._add_hparams(None, "experiment", _experiment(values.values(), metrics))
+        for member, hp in values.items():
+            info = plugin_data_pb2.SessionStartInfo(start_time_secs=start)
+            for name, value in hp.items():
+                _set_value(info.hparams[name], value)
+            self._add_hparams(member, "session_start_info", info)
         self._flush({None, *sessions})
+
+    def _add_hparams(self, member: str | None, kind: str, message) -> None:
+        """Writes one hparams plugin summary (TensorBoard's protos, as tensorboardX's)."""
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+        from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
+
+        data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION)
+        getattr(data, kind).CopyFrom(message)
+        summary = summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(
+                    tag=f"_hparams_/{kind}",
+                    metadata=metadata.create_summary_metadata(data),
+                    tensor=metadata.NULL_TENSOR,
+                )
+            ]
+        )
+        as_tbx = tbx_summary_pb2.Summary.FromString(summary.SerializeToString())
+        self._writer(member).file_writer.add_summary(as_tbx)
 
     def _flush(self, members) -> None:
         for member in members:
@@ -143,6 +165,49 @@ class MetricWriter:
         for writer in [self._tb, *self._runs.values()]:
             if writer is not None:
                 writer.close()
+
+
+def _set_value(target, value) -> None:
+    """A google.protobuf Value from a bool, float or str."""
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, float):
+        target.number_value = value
+    else:
+        target.string_value = value
+
+
+def _experiment(sessions, metrics: Sequence[str]):
+    """The HParams experiment: each hyperparameter's type and values over the sessions."""
+    from tensorboard.plugins.hparams import api_pb2
+
+    seen: dict[str, list] = {}
+    for hp in sessions:
+        for name, value in hp.items():
+            seen.setdefault(name, []).append(value)
+    infos = []
+    for name, values in seen.items():
+        info = api_pb2.HParamInfo(name=name, differs=len(set(values)) > 1)
+        if all(isinstance(v, float) for v in values):
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_interval.min_value = min(values)
+            info.domain_interval.max_value = max(values)
+        else:
+            is_bool = all(isinstance(v, bool) for v in values)
+            info.type = api_pb2.DATA_TYPE_BOOL if is_bool else api_pb2.DATA_TYPE_STRING
+            for value in sorted(set(values), key=str):
+                _set_value(info.domain_discrete.values.add(), value if is_bool else str(value))
+        infos.append(info)
+    metric_infos = [
+        api_pb2.MetricInfo(
+            name=api_pb2.MetricName(tag=tag),
+            dataset_type=api_pb2.DATASET_VALIDATION
+            if tag.startswith("val/")
+            else api_pb2.DATASET_TRAINING,
+        )
+        for tag in metrics
+    ]
+    return api_pb2.Experiment(hparam_infos=infos, metric_infos=metric_infos)
 
 
 def _plain(values: Mapping) -> dict:
