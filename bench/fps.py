@@ -19,30 +19,20 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import time
 
-import fpsample
-import jax
-import jax.numpy as jnp
-import numpy as np
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the tests' helpers (support.py)
 
-from depthg_jax.method import sampling
-from depthg_jax.runtime import xla
+import fpsample  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from support import numpy_fps  # noqa: E402
 
-
-def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
-    nearest = np.full(len(points), np.inf, points.dtype)
-    taken = np.zeros(len(points), bool)
-    order = [start]
-    taken[start] = True
-    for _ in range(n - 1):
-        d = ((points - points[order[-1]]) ** 2).sum(-1)
-        nearest = np.minimum(nearest, d)
-        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
-        order.append(pick)
-        taken[pick] = True
-    return np.array(order)
+from depthg_jax.method import sampling  # noqa: E402
+from depthg_jax.runtime import xla  # noqa: E402
 
 
 def smooth_depth(rng: np.random.Generator, batch: int, side: int) -> np.ndarray:

@@ -35,6 +35,7 @@ CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
 SAMPLINGS = ("fps", "random")
 BEST_METRICS = ("val/cluster_miou", "val/cluster_accuracy")
+VALIDATIONS = ("auto", "labels", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,12 @@ def _matmul_precisions() -> tuple:
     from depthg_jax.models import model
 
     return model.MATMUL_PRECISIONS
+
+
+def _attentions() -> tuple:
+    from depthg_jax.models import vit
+
+    return vit.ATTENTIONS
 
 
 def _variants() -> tuple:
@@ -121,6 +128,13 @@ FIELDS: dict[str, Field] = {
         'GPUs: TF32), "high", or "highest" (full fp32, as the release ran; '
         "docs/release.md#matmul-precision).",
         choices=_matmul_precisions,
+    ),
+    "model.attention": _resumable(
+        "auto",
+        'The backbone\'s attention: "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, '
+        'XLA\'s dot_product_attention elsewhere), "xla", "cudnn", or "explicit" (einsum and '
+        "softmax, as the release). The same numbers to ~1e-6 in float32.",
+        choices=_attentions,
     ),
     "model.dim": Field(70, "Code dimension K.", low=1, high=65536),
     "model.dropout": Field(
@@ -242,6 +256,14 @@ FIELDS: dict[str, Field] = {
         'objective="reference" an interval above a quarter of an epoch validates at each '
         "epoch's end instead, as the release does.",
         low=0,
+    ),
+    "train.validate": _resumable(
+        "auto",
+        'In-training validation: "labels" (scores on the labelled evaluation split, picks '
+        'export_best/), "none" (label-free monitoring: held-out losses, cluster usage, '
+        'picture grids; no export_best/), "auto" ("labels" when the evaluation split has '
+        'labelled pixels, else "none"). README, section Your own images.',
+        choices=VALIDATIONS,
     ),
     "train.best_metric": _resumable(
         "val/cluster_miou",

@@ -13,7 +13,7 @@ COMMANDS = {
     "depthg_jax.main": ["config", "workdir"],
     "depthg_jax.evaluate": ["checkpoint", "config", "out", "max_batches"],
     "depthg_jax.segment": ["checkpoint", "images", "out", "res", "batch_size", "probe"],
-    "depthg_jax.export": ["workdir", "out", "step", "best", "member", "verify"],
+    "depthg_jax.export": ["workdir", "out", "step", "best", "member", "verify", "format", "export"],
     "depthg_jax.data.five_crop": ["dataset", "root", "out"],
     "depthg_jax.data.synthetic": ["out"],
     "depthg_jax.data.knn": ["config"],

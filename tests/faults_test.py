@@ -594,16 +594,20 @@ def _directory_dataset(root, split, n, labels):
 
 
 def test_an_unlabelled_or_missing_eval_split_is_refused_at_start(tmp_path):
+    # Refused when labels are asked for (train.validate="labels"); "auto" monitors label-free
+    # (tests/own_images_test.py).
     root = tmp_path / "ds"
     _directory_dataset(root, "train", 2, labels=True)
     _directory_dataset(root, "val", 2, labels=False)
-    config = tiny_config(**{"data.name": "directory", "data.root": str(root)})
+    config = tiny_config(
+        **{"data.name": "directory", "data.root": str(root), "train.validate": "labels"}
+    )
     resolved = config_lib.resolve(config, str(tmp_path / "w"))
     with pytest.raises(ValueError, match="'val' of directory .* has no labels"):
-        loop.check_eval_split(resolved)
+        loop.plan_validation(resolved)
     shutil.rmtree(root / "images" / "val")
     with pytest.raises(ValueError, match="'val' of directory .* cannot be read: No image folder"):
-        loop.check_eval_split(resolved)
+        loop.plan_validation(resolved)
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):

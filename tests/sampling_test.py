@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import numpy_fps
 
 from depthg_jax.method import image_ops, sampling
 
@@ -28,21 +29,6 @@ def torch_sample(x: np.ndarray, coords: np.ndarray) -> np.ndarray:
     grid = torch.from_numpy(np.array(coords)).permute(0, 2, 1, 3)
     out = F.grid_sample(nchw(x), grid, mode="bilinear", padding_mode="border", align_corners=True)
     return nhwc(out)
-
-
-def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
-    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
-    nearest = np.full(len(points), np.inf, points.dtype)
-    taken = np.zeros(len(points), bool)
-    order = [start]
-    taken[start] = True
-    for _ in range(n - 1):
-        d = ((points - points[order[-1]]) ** 2).sum(-1)
-        nearest = np.minimum(nearest, d)
-        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
-        order.append(pick)
-        taken[pick] = True
-    return np.array(order)
 
 
 def torch_lift(depth: np.ndarray, fov_for_tan: float, far: float = 5.0) -> np.ndarray:

@@ -140,3 +140,18 @@ def synthetic_export(root, params, *, crf: bool = False) -> str:
     )
     checkpoint.save_export(str(Path(root) / "export"), config, params)
     return str(Path(root) / "export")
+
+
+def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    """docs/method.md as a plain loop: running min squared distance, first index on ties."""
+    nearest = np.full(len(points), np.inf, points.dtype)
+    taken = np.zeros(len(points), bool)
+    order = [start]
+    taken[start] = True
+    for _ in range(n - 1):
+        d = ((points - points[order[-1]]) ** 2).sum(-1)
+        nearest = np.minimum(nearest, d)
+        pick = int(np.argmax(np.where(taken, -np.inf, nearest)))
+        order.append(pick)
+        taken[pick] = True
+    return np.array(order)

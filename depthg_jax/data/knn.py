@@ -295,6 +295,32 @@ def build_knn_table(
     return table
 
 
+def backbone_features(spec):
+    """features(params, images) of the KNN command: the frozen backbone of `spec` (a ModelSpec)
+    on ImageNet-normalised float32 images (B, R, R, 3)."""
+    from depthg_jax.models import model as model_lib
+
+    return lambda p, images: model_lib.frozen_features(spec, p, images, normalized=True)
+
+
+def embedding_program(features, *, dropout: float = 0.0):
+    """The jitted (params, images, key) -> pooled, L2-normalised features (B, C) that
+    `make_sharded_feature_fn` runs; dropout > 0 applies channel dropout drawn from `key`."""
+    import jax.numpy as jnp
+
+    from depthg_jax.models.head import channel_dropout
+    from depthg_jax.runtime import xla
+
+    @xla.jit
+    def embed(p, images, key):
+        f = features(p, images).astype(jnp.float32)
+        if dropout:
+            f = channel_dropout(key, f, dropout)
+        return l2_normalize(f.mean(axis=(1, 2)), eps=1e-10)
+
+    return embed
+
+
 def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_key=None):
     """A feature_fn running `features(params, images)` jitted over every device of every
     process (batch on 'data'), returning pooled, L2-normalised features in global order.
@@ -304,25 +330,16 @@ def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_k
     docs/release.md#knn-features).
     """
     import jax
-    import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from depthg_jax.models.head import channel_dropout
-    from depthg_jax.runtime import sharding, xla
+    from depthg_jax.runtime import sharding
 
     mesh = sharding.make_mesh()
     batch_sharding = sharding.batch_sharding(mesh)
     params = sharding.replicate(params, mesh)
     if dropout and dropout_key is None:
         raise ValueError("KNN feature dropout needs a dropout_key")
-
-    @xla.jit
-    def embed(p, images, key):
-        f = features(p, images).astype(jnp.float32)
-        if dropout:
-            f = channel_dropout(key, f, dropout)
-        return l2_normalize(f.mean(axis=(1, 2)), eps=1e-10)
-
+    embed = embedding_program(features, dropout=dropout)
     calls = [0]
 
     def feature_fn(local_images: np.ndarray) -> np.ndarray:
@@ -389,7 +406,7 @@ def make_knn_table(
     dropout = float(data_cfg.get("knn_dropout", 0.0))
     spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), variant=variant)
     feature_fn = make_sharded_feature_fn(
-        lambda p, images: model_lib.frozen_features(spec, p, images, normalized=True),
+        backbone_features(spec),
         params,
         dropout=dropout,
         dropout_key=seeds.knn_dropout_key(config.seed) if dropout else None,

@@ -63,13 +63,19 @@ def kmeans_predictor(embed, centroids: jax.Array) -> evaluator.PredictFn:
     return predict
 
 
-def sample_embeddings(embed, params, loader, *, seed: int, points_per_image: int) -> np.ndarray:
-    """Unit embeddings of up to points_per_image random grid pixels of each valid image."""
+def unit_embedding_program(embed):
+    """The jitted (params, images) -> unit embeddings (B, h, w, D), float32, of `embed`."""
 
     @xla.jit
     def features(params, images):
         return _normalize(embed(params, images).astype(jnp.float32))
 
+    return features
+
+
+def sample_embeddings(embed, params, loader, *, seed: int, points_per_image: int) -> np.ndarray:
+    """Unit embeddings of up to points_per_image random grid pixels of each valid image."""
+    features = unit_embedding_program(embed)
     rng = np.random.default_rng(seed)
     picked = []
     for batch in loader:

@@ -15,7 +15,10 @@ the dense CRF (`crf=True`): the CRF runs on the host's cores in a process pool a
 go back through the same on-device counting, so multi-host runs need no special path.
 
 Confusion counts accumulate on device (int32: fine below 2^31 pixels per cell, i.e. > 20k
-images of 320 x 320) and are fetched once at the end.
+images of 320 x 320) and are fetched once at the end. Beside them, usage counts (how many
+pixels of the valid images each prediction id was given, labels or not) say how a head uses
+its clusters, which is all there is to say about unlabelled data: a split without a single
+labelled pixel gives usage and no scores.
 """
 
 from __future__ import annotations
@@ -87,6 +90,25 @@ def _counts(preds: jax.Array, labels: jax.Array, valid: jax.Array, n: int) -> ja
     return count(preds)
 
 
+def _usage(preds: jax.Array, valid: jax.Array, n: int) -> jax.Array:
+    """Pixels given each id over the valid images, leading axes before (B, H, W) kept: (..., n)."""
+
+    def count(p):
+        keep = valid.astype(bool)[:, None, None] & (p >= 0) & (p < n)
+        ids = jnp.where(keep, p, 0).reshape(-1)
+        return jnp.bincount(ids, keep.reshape(-1).astype(jnp.int32), length=n)
+
+    for _ in range(preds.ndim - 3):
+        count = jax.vmap(count)
+    return count(preds).astype(jnp.int32)
+
+
+def _labelled(labels: jax.Array, valid: jax.Array, n: int) -> jax.Array:
+    """Valid images with at least one labelled pixel."""
+    has = ((labels >= 0) & (labels < n)).reshape(labels.shape[0], -1).any(axis=1)
+    return jnp.sum((has & valid.astype(bool)).astype(jnp.int32))
+
+
 class Evaluator:
     """Scores a predict function over a loader (see the module docstring).
 
@@ -121,22 +143,29 @@ class Evaluator:
         batched = sharding.batch_sharding(self.mesh)
         n = self.n_classes
 
+        def tally(preds: dict, labels, valid) -> dict:
+            return {
+                "confusion": {k: _counts(v, labels, valid, n) for k, v in preds.items()},
+                "usage": {k: _usage(v, valid, n) for k, v in preds.items()},
+            }
+
         @xla.jit
         def step(params, images, labels, valid):
             out = predict(params, images)
-            counts = {k: _counts(v, labels, valid, n) for k, v in out["labels"].items()}
+            counts = tally(out["labels"], labels, valid)
+            counts["num_images"] = jnp.sum(valid.astype(jnp.int32))
+            counts["num_labelled_images"] = _labelled(labels, valid, n)
             counts = jax.lax.with_sharding_constraint(counts, replicated)
-            num = jax.lax.with_sharding_constraint(jnp.sum(valid.astype(jnp.int32)), replicated)
             if not self.crf:
-                return counts, num
-            return counts, num, jax.lax.with_sharding_constraint(out["log_probs"], batched)
+                return (counts,)
+            return counts, jax.lax.with_sharding_constraint(out["log_probs"], batched)
 
         @xla.jit(out_shardings=replicated)
         def count(preds, labels, valid):
-            return {k: _counts(v, labels, valid, n) for k, v in preds.items()}
+            return tally(preds, labels, valid)
 
         self.step = step  # jitted (params, images, labels, valid): a batch's counts
-        self._count = count
+        self.count = count  # jitted (labels by probe, labels, valid): counts of the CRF's labels
 
     def __call__(self, params: dict, loader, *, crf_pool=None):
         """Scores every batch of `loader` (host-local batches {"image" uint8 (b,E,E,3),
@@ -144,7 +173,9 @@ class Evaluator:
         data.pipeline.make_eval_loader).
 
         Returns {probe[, probe_crf]: metrics.scores dict, "confusion": {key: int64 counts},
-        "num_images", "time_s" (whole pass), "crf_time_s" (of it, in the CRF)}; where the
+        "usage": {key: int64 (n,) pixels per predicted id}, "num_images", "num_labelled_images"
+        (valid images with a labelled pixel), "time_s" (whole pass), "crf_time_s" (of it, in
+        the CRF)}; without a single labelled pixel, the same without scores. Where the
         predictions carry a member axis, a list of such dicts, one per member.
         """
         from tqdm import tqdm
@@ -152,8 +183,7 @@ class Evaluator:
         params = sharding.ensure_replicated(params, self.mesh)
         own_pool = self.crf and crf_pool is None
         pool = crf_lib.make_crf_pool() if own_pool else crf_pool
-        totals: dict = {}
-        num_images = None
+        totals: dict = {"confusion": {}, "usage": {}}
         crf_time = 0.0
         start = time.perf_counter()
         bar = tqdm(
@@ -166,9 +196,13 @@ class Evaluator:
         )
 
         def add(counts: dict, suffix: str = "") -> None:
-            for k, v in counts.items():
-                key = k + suffix
-                totals[key] = v if key not in totals else totals[key] + v
+            for what, value in counts.items():
+                if isinstance(value, dict):
+                    for k, v in value.items():
+                        part = totals[what]
+                        part[k + suffix] = v if k + suffix not in part else part[k + suffix] + v
+                else:
+                    totals[what] = value if what not in totals else totals[what] + value
 
         try:
             for batch in bar:
@@ -176,34 +210,42 @@ class Evaluator:
                 g = sharding.host_to_global(batch, self.mesh)
                 outs = self.step(params, g["image"], g["label"], g["valid"])
                 add(outs[0])
-                num_images = outs[1] if num_images is None else num_images + outs[1]
                 if self.crf:
                     t0 = time.perf_counter()
-                    refined = self._refine(batch, outs[2], pool)
+                    refined = self._refine(batch, outs[1], pool)
                     crf_time += time.perf_counter() - t0
                     g2 = sharding.host_to_global(
                         {**refined, "label": batch["label"], "valid": batch["valid"]}, self.mesh
                     )
-                    add(self._count({k: g2[k] for k in refined}, g2["label"], g2["valid"]), "_crf")
+                    add(self.count({k: g2[k] for k in refined}, g2["label"], g2["valid"]), "_crf")
         finally:
             bar.close()
             if own_pool:
                 pool.shutdown()
-        num_images = 0 if num_images is None else int(num_images)
+        num_images = int(totals.get("num_images", 0))
         if num_images == 0:
             raise ValueError("the evaluation loader gave no valid images (empty split?)")
-        confusions = {k: np.asarray(jax.device_get(v)).astype(np.int64) for k, v in totals.items()}
+        fetched = jax.device_get({"confusion": totals["confusion"], "usage": totals["usage"]})
+        confusions = {k: np.asarray(v).astype(np.int64) for k, v in fetched["confusion"].items()}
+        usage = {k: np.asarray(v).astype(np.int64) for k, v in fetched["usage"].items()}
         common = {
             "num_images": num_images,
+            "num_labelled_images": int(totals["num_labelled_images"]),
             "time_s": time.perf_counter() - start,
             "crf_time_s": crf_time,
         }
+
+        def result(confusion: dict, used: dict) -> dict:
+            labelled = next(iter(confusion.values())).sum() > 0
+            scores = score(confusion) if labelled else {}
+            return {**scores, "confusion": confusion, "usage": used, **common}
+
         members = next(iter(confusions.values())).shape[:-2]
         if not members:
-            return {**score(confusions), "confusion": confusions, **common}
+            return result(confusions, usage)
         return [
-            {**score(c), "confusion": c, **common}
-            for c in ({k: v[i] for k, v in confusions.items()} for i in range(members[0]))
+            result({k: v[i] for k, v in confusions.items()}, {k: v[i] for k, v in usage.items()})
+            for i in range(members[0])
         ]
 
     def _refine(self, batch: dict, log_probs: dict, pool) -> dict:

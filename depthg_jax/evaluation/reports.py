@@ -1,6 +1,7 @@
-"""Reports of evaluation and validation results: tables, JSON, the confusion picture.
+"""Reports of evaluation and validation results: tables, JSON, the confusion picture, and the
+label-free reports (cluster usage, held-out losses, picture sheets) of unlabelled data.
 
-Pure formatting and file writing: the numbers come from `depthg_jax.evaluate`.
+Pure formatting and file writing: the numbers come from the evaluator and the trainer.
 """
 
 from __future__ import annotations
@@ -49,14 +50,30 @@ def format_class_table(results: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+EVALUATION_REPORT = "evaluation report"  # results.json's "kind" (training writes a summary)
+
+
+def labels_state(results: dict) -> str:
+    """"all", "some" or "none": how many of the scored images carried labels."""
+    labelled = results.get("num_labelled_images", results["num_images"])
+    return "all" if labelled == results["num_images"] else "some" if labelled else "none"
+
+
 def to_json(results: dict, class_names: list[str]) -> dict:
-    """A JSON-friendly copy: scores in %, per-class IoU by name (NaN -> null), counts as lists."""
+    """A JSON-friendly copy: scores in %, per-class IoU by name (NaN -> null), counts as lists;
+    "kind" says it is an evaluation report, "labels" how many images were scored."""
 
     def clean(x):
         return None if x is None or not np.isfinite(x) else round(float(x) * 100, 4)
 
-    out = {"num_images": results["num_images"], "time_s": results["time_s"]}
-    out["crf_time_s"] = results["crf_time_s"]
+    out = {"kind": EVALUATION_REPORT, "labels": labels_state(results)}
+    out["num_images"] = results["num_images"]
+    out["num_labelled_images"] = results.get("num_labelled_images", results["num_images"])
+    out["time_s"], out["crf_time_s"] = results["time_s"], results["crf_time_s"]
+    if results.get("checkpoint"):
+        out["checkpoint"] = results["checkpoint"]
+    if "usage" in results:
+        out["usage"] = {k: usage_summary(v) for k, v in results["usage"].items()}
     for key, value in results.items():
         if isinstance(value, dict) and "accuracy" in value:
             out[key] = {
@@ -174,6 +191,8 @@ def val_summary(result: dict) -> dict:
 
 
 def format_val(step: int, result: dict) -> str:
+    if "cluster" not in result:
+        return format_monitor(step, result)
     c, lin = result["cluster"], result["linear"]
     return (
         f"[step {step}] val cluster acc {100 * c['accuracy']:.1f} mIoU {100 * c['miou']:.1f} | "
@@ -210,3 +229,156 @@ def describe_checkpoint(path: str, selection: dict | None) -> str:
         line += f"; selected on {selection.get('selected_on')}"
     return line
 
+
+
+# --- Label-free reports -------------------------------------------------------------------------
+
+
+def usage_summary(pixels) -> dict:
+    """How a head uses its ids, from the pixels given each: "pixels", "fraction", "entropy"
+    (nats), "entropy_normalised" (entropy / log n: 1 when every id is used equally), "dead"
+    (ids given no pixel) and "dead_ids", "largest" (the most used id's fraction)."""
+    pixels = np.asarray(pixels, np.int64)
+    total = max(int(pixels.sum()), 1)
+    frac = pixels / total
+    used = frac[frac > 0]
+    entropy = float(-(used * np.log(used)).sum())
+    n = len(pixels)
+    return {
+        "pixels": pixels.tolist(),
+        "fraction": [round(float(f), 6) for f in frac],
+        "entropy": round(entropy, 6),
+        "entropy_normalised": round(entropy / np.log(n), 6) if n > 1 else 1.0,
+        "dead": int((pixels == 0).sum()),
+        "dead_ids": np.flatnonzero(pixels == 0).tolist(),
+        "largest": round(float(frac.max()), 6),
+    }
+
+
+HELDOUT_TERMS = ("loss", "loss_intra", "loss_inter", "loss_neg", "loss_depth", "loss_cluster")
+
+
+def monitor_summary(result: dict) -> dict:
+    """Flat scalars of label-free monitoring: the cluster probe's usage ("monitor/...") and the
+    held-out losses ("heldout/..."), for metrics.jsonl and TensorBoard."""
+    usage = usage_summary(result["usage"]["cluster"])
+    out = {
+        "monitor/cluster_entropy": usage["entropy"],
+        "monitor/cluster_entropy_normalised": usage["entropy_normalised"],
+        "monitor/dead_clusters": float(usage["dead"]),
+        "monitor/largest_cluster": usage["largest"],
+    }
+    out.update({f"heldout/{k}": float(v) for k, v in result.get("heldout", {}).items()})
+    return out
+
+
+def usage_histograms(result: dict) -> dict:
+    """{"monitor/cluster_usage": pixels per cluster id} (a histogram over ids)."""
+    return {"monitor/cluster_usage": np.asarray(result["usage"]["cluster"])}
+
+
+def format_monitor(step: int, result: dict) -> str:
+    usage = usage_summary(result["usage"]["cluster"])
+    n = len(usage["pixels"])
+    line = (
+        f"[step {step}] label-free: clusters used {n - usage['dead']}/{n}, entropy "
+        f"{usage['entropy_normalised']:.2f} of the maximum, largest {100 * usage['largest']:.0f}%"
+    )
+    held = result.get("heldout")
+    if held:
+        terms = ", ".join(f"{k.removeprefix('loss_')} {held[k]:.4f}" for k in HELDOUT_TERMS[1:])
+        line += f" | held-out loss {held['loss']:.4f} ({terms})"
+    return line
+
+
+def format_usage(usage: dict, names: list[str]) -> str:
+    """The usage of each id as a table (pixels, %), then one summary line."""
+    summary = usage_summary(usage)
+    width = max([len(n) for n in names] + [7])
+    lines = [f"{'cluster':{width}s}{'pixels':>12s}{'%':>8s}"]
+    for name, pixels, frac in zip(names, summary["pixels"], summary["fraction"], strict=True):
+        lines.append(f"{name:{width}s}{pixels:12d}{100 * frac:8.1f}")
+    n = len(names)
+    lines.append(
+        f"{n - summary['dead']} of {n} clusters used, entropy {summary['entropy']:.3f} nats "
+        f"({summary['entropy_normalised']:.2f} of the maximum), largest "
+        f"{100 * summary['largest']:.1f}%"
+    )
+    return "\n".join(lines)
+
+
+def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """Tiles equally sized RGB uint8 images (rows of columns) with a white border."""
+    h, w = rows[0][0].shape[:2]
+    n_rows, n_cols = len(rows), len(rows[0])
+    grid = np.full((n_rows * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            if tile.shape[:2] != (h, w):
+                raise ValueError(f"grid tile {r},{c} has shape {tile.shape[:2]}, expected {(h, w)}")
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = tile
+    return grid
+
+
+def make_sheet(pairs: list[tuple[np.ndarray, np.ndarray]], per_row: int = 4) -> np.ndarray:
+    """Pairs (image, its colour map) of one size, `per_row` pairs to a row (white fill)."""
+    rows = []
+    for start in range(0, len(pairs), per_row):
+        row = [tile for pair in pairs[start : start + per_row] for tile in pair]
+        blank = np.full_like(pairs[0][0], 255)
+        rows.append(row + [blank] * (2 * per_row - len(row)))
+    if len(pairs) < per_row:
+        rows = [row[: 2 * len(pairs)] for row in rows]
+    return make_grid(rows)
+
+
+def render_usage(usage, colours: np.ndarray, names: list[str], bar_w: int = 14) -> np.ndarray:
+    """A bar chart of the fraction of pixels given each id, bars in the ids' colours."""
+    from PIL import Image, ImageDraw
+
+    frac = np.asarray(usage_summary(usage)["fraction"])
+    n, height, top, bottom = len(frac), 160, 20, 16
+    width = max(40 + n * bar_w, 220)
+    canvas = Image.new("RGB", (width, height + top + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    peak = max(float(frac.max()), 1e-9)
+    draw.text((4, 4), f"pixels per cluster (max {100 * peak:.1f}%)", fill=(0, 0, 0))
+    for i, f in enumerate(frac):
+        x = 36 + i * bar_w
+        h = int(round(height * f / peak))
+        colour = tuple(int(c) for c in colours[i])
+        draw.rectangle([x, top + height - h, x + bar_w - 3, top + height], fill=colour)
+        if n <= 40 or i % 5 == 0:
+            draw.text((x, top + height + 2), str(i), fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def write_label_free_report(
+    results: dict, names: list[str], colours: np.ndarray, sheet: np.ndarray | None, out_dir: str
+) -> dict:
+    """results.json (an evaluation report without scores: usage per probe), cluster_usage.png
+    and sheet.png (images and their cluster maps); returns the paths."""
+    record = {
+        "kind": EVALUATION_REPORT,
+        "labels": "none",
+        "scores": "none: the evaluation split has no labelled pixel",
+        "num_images": results["num_images"],
+        "num_labelled_images": 0,
+        "time_s": results["time_s"],
+        "names": names,
+        "usage": {k: usage_summary(v) for k, v in results["usage"].items()},
+    }
+    if results.get("checkpoint"):
+        record["checkpoint"] = results["checkpoint"]
+    paths = {
+        "results": os.path.join(out_dir, "results.json"),
+        "usage": os.path.join(out_dir, "cluster_usage.png"),
+    }
+    files.write_text_atomic(paths["results"], json.dumps(record, indent=2))
+    main = "cluster_crf" if "cluster_crf" in results["usage"] else "cluster"
+    files.save_image_atomic(paths["usage"], render_usage(results["usage"][main], colours, names))
+    if sheet is not None:
+        paths["sheet"] = os.path.join(out_dir, "sheet.png")
+        files.save_image_atomic(paths["sheet"], sheet)
+    return paths

@@ -41,6 +41,9 @@ class Objective:
     feature_samples: int
     samples_decay_every: int
     samples_decay_rate: float
+    # Whether the supervised linear probe trains: False when the training data has no labels
+    # (its loss is then 0 and its computation skipped).
+    linear_probe: bool = True
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, sampling: str | None = None):
@@ -201,7 +204,7 @@ def losses_from_features(
         perms,
         loss_params(objective, depth_shift, hp),
     )
-    probe = probe_losses(spec, params, code, batch["label"])
+    probe = probe_losses(spec, params, code, batch["label"], linear=objective.linear_probe)
     total = (
         hp["intra_weight"] * terms["intra"]
         + hp["inter_weight"] * terms["inter"]
@@ -223,12 +226,17 @@ def losses_from_features(
     return total, metrics
 
 
-def probe_losses(spec: model_lib.ModelSpec, params: dict, code: jax.Array, labels) -> dict:
-    """Cluster and linear probe losses on the detached code (they never train the head)."""
+def probe_losses(
+    spec: model_lib.ModelSpec, params: dict, code: jax.Array, labels, *, linear: bool = True
+) -> dict:
+    """Cluster and linear probe losses on the detached code (they never train the head);
+    linear=False (no labels to learn from) skips the linear probe: its loss is 0."""
     detached = jax.lax.stop_gradient(code)
     inner = spec.cluster_probe.apply({"params": params["cluster_probe"]}, detached)
-    logits = spec.linear_probe.apply({"params": params["linear_probe"]}, detached)
-    return {
-        "loss_cluster": losses.cluster_probe_loss(inner),
-        "loss_linear": losses.linear_probe_loss(logits, labels),
-    }
+    out = {"loss_cluster": losses.cluster_probe_loss(inner)}
+    if linear:
+        logits = spec.linear_probe.apply({"params": params["linear_probe"]}, detached)
+        out["loss_linear"] = losses.linear_probe_loss(logits, labels)
+    else:
+        out["loss_linear"] = jnp.zeros((), jnp.float32)
+    return out

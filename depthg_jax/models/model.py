@@ -45,6 +45,7 @@ class ModelSpec:
     dtype: str = "float32"  # backbone compute dtype
     matmul_precision: str = "default"
     dropout: float = 0.0  # the head's channel dropout while training
+    attention: str = "auto"  # the backbone's attention implementation (vit.ATTENTIONS)
 
     def __post_init__(self):
         if self.matmul_precision not in MATMUL_PRECISIONS:
@@ -63,6 +64,7 @@ class ModelSpec:
             dtype=str(m.dtype),
             matmul_precision=str(m.get("matmul_precision", "default")),
             dropout=float(m.get("dropout", 0.0)),
+            attention=str(m.get("attention", "auto")),
         )
 
     @property
@@ -76,7 +78,7 @@ class ModelSpec:
 
     @property
     def backbone(self) -> nn.Module:
-        return vit.build_backbone(self.variant, jnp.dtype(self.dtype))
+        return vit.build_backbone(self.variant, jnp.dtype(self.dtype), self.attention)
 
     @property
     def head(self) -> head.SegmentationHead:

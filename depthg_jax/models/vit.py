@@ -617,8 +617,9 @@ class Dinov3ViT(ViT):
 _PINNED = {"v1": DinoViT, "v2": Dinov2ViT, "v3": Dinov3ViT}
 
 
-def build_backbone(variant: str, dtype=jnp.float32) -> ViT:
+def build_backbone(variant: str, dtype=jnp.float32, attention: str = "auto") -> ViT:
     """The backbone module of any variant (its family's pinned ``ViT``: DinoViT, Dinov2ViT or
     Dinov3ViT). Takes ImageNet-normalised (B, H, W, 3) images and returns (B, H/p, W/p, C)
-    float32 patch features after the final norm (CLS and register tokens dropped)."""
-    return _PINNED[get_variant(variant).family](variant=variant, dtype=dtype)
+    float32 patch features after the final norm (CLS and register tokens dropped).
+    `attention`: one of ATTENTIONS (see ViT)."""
+    return _PINNED[get_variant(variant).family](variant=variant, dtype=dtype, attention=attention)

@@ -159,6 +159,30 @@ class MetricWriter:
         for member in members:
             self._writer(member).flush()
 
+    def write_histogram(self, step: int, name: str, counts) -> None:
+        """Counts per integer id (e.g. pixels per cluster): a metrics.jsonl row
+        {"step", name: [counts]} and a TensorBoard histogram with one bucket per id."""
+        if not self._active:
+            return
+        counts = np.asarray(counts, np.int64)
+        self._jsonl.write(json.dumps({"step": step, name: counts.tolist()}) + "\n")
+        self._jsonl.flush()
+        ids = np.arange(len(counts), dtype=np.float64)
+        used = ids[counts > 0]
+        if self._tb is not None and len(used):
+            self._tb.add_histogram_raw(
+                name,
+                min=float(used.min()),
+                max=float(used.max()),
+                num=int(counts.sum()),
+                sum=float((ids * counts).sum()),
+                sum_squares=float((ids**2 * counts).sum()),
+                bucket_limits=(ids + 0.5).tolist(),
+                bucket_counts=counts.tolist(),
+                global_step=step,
+            )
+            self._tb.flush()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -64,3 +64,9 @@ def jit(fun: Callable | None = None, /, **jit_kwargs):
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
     return _Jitted(fun, jit_kwargs)
+
+
+def as_jax_jit(program):
+    """The `jax.jit` object behind an `xla.jit` program (what `jax.export` and other JAX APIs
+    that take a jit expect); any other program is returned as it is."""
+    return program._jitted if isinstance(program, _Jitted) else program

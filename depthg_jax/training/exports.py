@@ -6,8 +6,11 @@ layout (a single head, or a population when `sweep_members.json` is present: par
 leading member axis) and its validation metrics. `export_run` restores any intact
 checkpoint (the latest, a step, or the best validated one) of either layout and writes one
 head (for a sweep: the best member by default, any member by name or index) as a
-self-contained inference export (backbone + head + probes + config, runtime/checkpoint.py).
-`export_finished` writes the exports at the end of training with the same functions.
+self-contained inference export (backbone + head + probes + config, runtime/checkpoint.py),
+or with format="portable" as a portable inference artifact (runtime/portable.py: the
+inference function serialised with jax.export for cpu, cuda and tpu); `portable_from_export`
+writes that artifact from an existing export. The trainers write their exports at the end of
+training with the same functions (`write_export`, `restore_trainable`, `member_export`).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import os
 import jax
 import ml_collections
 
+from depthg_jax.data import palette
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, files, seeds
+from depthg_jax.runtime import checkpoint, files, integrity, portable, seeds
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import sweep
 
 SWEEP_SUMMARY = "sweep.json"
+FORMATS = ("checkpoint", "portable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +55,9 @@ class RunLayout:
         )
 
     def abstract_state(self) -> step_lib.TrainState:
-        """The shapes a checkpoint of this run holds (nothing allocated)."""
+        """The shapes a checkpoint of this run holds (nothing allocated), placed on one local
+        device: a run saved on any number of devices restores here (an export reads it on
+        one host, whatever the training topology was)."""
         spec = model_lib.ModelSpec.from_config(self.config)
         hp = objective_lib.hparams(self.config)
         key = seeds.run_keys(self.config.seed)[1]
@@ -60,7 +67,11 @@ class RunLayout:
             )
         else:
             make = lambda: step_lib.create_train_state(spec, hp, key)  # noqa: E731
-        return jax.eval_shape(make)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(make),
+        )
 
 
 def read_layout(workdir: str) -> RunLayout:
@@ -160,23 +171,92 @@ def export_run(
     step: int | None = None,
     best: bool = False,
     member: str | None = None,
+    format: str = "checkpoint",
+    res: int | None = None,
+    flip: bool = True,
 ) -> dict:
     """Exports a run to `out` (must not exist); returns the selection record written.
 
     step/best pick the checkpoint (default: the latest intact one); member picks a sweep's
-    member (default: the finished sweep's best).
+    member (default: the finished sweep's best). format "portable" writes the portable
+    artifact instead of an export (`write_portable`: res, flip).
     """
-    if os.path.exists(out):
-        raise FileExistsError(f"--out={out} exists; choose a new folder (exports never overwrite)")
-    files.check_writable(os.path.dirname(os.path.abspath(out)), "the parent of --out")
+    if format not in FORMATS:
+        raise ValueError(f"--format={format!r}; expected one of {FORMATS}")
+    check_out(out)
     layout = read_layout(workdir)
     if member is not None and not layout.is_sweep:
         raise ValueError(f"--member={member!r}: {layout.workdir} is a single run, not a sweep")
-    trainable, _, selection = restore_trainable(layout, step=step, best=best)
+    manager = layout.manager()
+    trainable, step, selection = restore_trainable(layout, step=step, best=best, manager=manager)
     config = layout.config
     if layout.is_sweep:
         index = pick_member(layout, member)
         config, trainable, selection = member_export(layout, trainable, index, selection)
     backbone = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0])
-    write_export(out, config, backbone, trainable, selection)
+    if format == "checkpoint":
+        write_export(out, config, backbone, trainable, selection)
+        return selection
+    source = {
+        "kind": "checkpoint",
+        "path": checkpoint.step_directory(manager, step),
+        "manifest_sha256": _manifest_digest(checkpoint.step_directory(manager, step)),
+        "backbone": config.model.weights or f"random, seed {config.seed}",
+        "selection": selection,
+    }
+    params = model_lib.full_params(jax.device_get(backbone), trainable)
+    write_portable(out, config, params, res=res, flip=flip, source=source)
     return selection
+
+
+def check_out(out: str) -> None:
+    """Before any long work: `out` must not exist and its parent must be writable."""
+    if os.path.exists(out):
+        raise FileExistsError(f"--out={out} exists; choose a new folder (exports never overwrite)")
+    files.check_writable(os.path.dirname(os.path.abspath(out)), "the parent of --out")
+
+
+def portable_from_export(export: str, out: str, *, res: int | None = None, flip: bool = True):
+    """The portable artifact of an existing export (verified first); returns its sidecar."""
+    check_out(out)
+    config, params = checkpoint.load_export(export)
+    export = os.path.abspath(export)
+    source = {
+        "kind": "export",
+        "path": export,
+        "manifest_sha256": _manifest_digest(export),
+        "selection": checkpoint.load_selection(export),
+    }
+    return write_portable(out, config, params, res=res, flip=flip, source=source)
+
+
+def write_portable(
+    out: str,
+    config: ml_collections.ConfigDict,
+    params: dict,
+    *,
+    res: int | None,
+    flip: bool,
+    source: dict,
+) -> dict:
+    """runtime.portable.write_portable with the config's model, classes and palette; res
+    defaults to the evaluation resolution (data.eval_res)."""
+    spec = model_lib.ModelSpec.from_config(config)
+    n, dataset = spec.n_classes, str(config.data.name)
+    return portable.write_portable(
+        out,
+        spec,
+        params,
+        res=int(res or config.data.eval_res),
+        flip=flip,
+        classes=palette.class_names(dataset, n),
+        palette=palette.palette_for(dataset, n),
+        source={"dataset": dataset, **source},
+    )
+
+
+def _manifest_digest(directory: str) -> str | None:
+    """SHA-256 of a directory's MANIFEST.json (which pins every file in it), or None."""
+    if not integrity.has_manifest(directory):
+        return None
+    return integrity.file_digest(os.path.join(directory, integrity.MANIFEST))

@@ -2,7 +2,8 @@
 column titles, the depth colour scale from near to far and the class colours named underneath)
 written to `<workdir>/images/`, and for TensorBoard the resolved config as text, the
 hyperparameters of the run or of each sweep member (HParams dashboard), and at each
-validation the picture grid and the confusion pictures."""
+validation the picture grid and the confusion pictures. Label-free runs get grids without
+the label column and clusters in their ids' colours."""
 
 from __future__ import annotations
 
@@ -29,20 +30,6 @@ def colorize_depth(depth: np.ndarray) -> np.ndarray:
     return pictures.apply_colour_map(1.0 - near_to_far)
 
 
-def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tiles equally sized RGB uint8 images (rows of columns) with a white border."""
-    h, w = rows[0][0].shape[:2]
-    n_rows, n_cols = len(rows), len(rows[0])
-    grid = np.full((n_rows * (h + pad) + pad, n_cols * (w + pad) + pad, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            if tile.shape[:2] != (h, w):
-                raise ValueError(f"grid tile {r},{c} has shape {tile.shape[:2]}, expected {(h, w)}")
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            grid[y : y + h, x : x + w] = tile
-    return grid
-
-
 def titled_grid(
     rows: list[list[np.ndarray]],
     titles: list[str],
@@ -60,7 +47,7 @@ def titled_grid(
     if scale > 1:
         rows = [[tile.repeat(scale, 0).repeat(scale, 1) for tile in row] for row in rows]
         h, w = h * scale, w * scale
-    body = make_grid(rows, pad)
+    body = reports.make_grid(rows, pad)
     title_size = 13
     title_h = pictures.text_size("Ag", title_size)[1] + 8
     legend_h = 16 if depth_column is not None else 0
@@ -100,7 +87,8 @@ def write_image_summary(
     the others and without valid images).
 
     Cluster ids are mapped to classes with the latest validation's Hungarian assignment when
-    one is given, so prediction and label colours agree (the title says which).
+    it has one, so prediction and label colours agree (the title says which); label-free runs
+    have none: clusters keep their ids' colours.
     """
     if jax.process_index() != 0:
         return None

@@ -7,6 +7,7 @@ is training/step.py's; the exports go through training/exports.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -35,6 +36,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     hp = objective_lib.hparams(config)
     objective = objective_lib.Objective.from_config(config)
+    if not loop.train_has_labels(config):
+        print("The training split has no labels: the linear probe is skipped", flush=True)
+        objective = dataclasses.replace(objective, linear_probe=False)
     run = loop.start_run(
         config,
         workdir,
@@ -50,18 +54,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = step_lib.BoundStep(
         program, run.backbone_params, run.k_step, sharding.replicate(hp, run.mesh), objective
     )
-    outcome = loop.run_loop(run, step_fn, writer, loop.Reporting())
+    reporting = loop.Reporting() if run.plan.labelled else loop.LABEL_FREE_REPORTING
+    outcome = loop.run_loop(run, step_fn, writer, reporting)
     if "preempted_at" in outcome:
         writer.close()
         return {"preempted_at": outcome["preempted_at"]}
     state, final = loop.finish_training(run, outcome)
     final_step = int(jax.device_get(state.step))
     if outcome["last_val_step"] != final_step:
-        print(reports.format_val(final_step, final), flush=True)
-    results = {"step": final_step, "trained": reports.val_summary(final)}
-    if config.train.report_baselines:
+        print(reporting.format_val(final_step, final), flush=True)
+    results = {"step": final_step, "validation": run.plan.mode}
+    results["trained"] = reporting.val_scalars(final)
+    if "cluster" in final:  # scored (train.eval_batches may leave out every labelled image)
+        # The final head's cluster -> class matching: `segment --assignment=W/results.json`.
+        results["assignment"] = {
+            "assignment": [int(a) for a in final["cluster"]["assignment"]],
+            "step": final_step,
+            "export": "export",
+            "found_on": "the evaluation split's labels, no flip, no CRF (in-training validation)",
+        }
+    else:
+        results["usage"] = reports.usage_summary(final["usage"]["cluster"])
+    if config.train.report_baselines and run.plan.labelled:
         results.update(_baselines(run))
         print(reports.format_baselines(results), flush=True)
+    elif config.train.report_baselines:
+        print("train.report_baselines: skipped, the baselines are scored on labels", flush=True)
     grid = summaries.write_image_summary(
         workdir,
         final_step,
@@ -73,6 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if outcome["last_val_step"] != final_step:  # a validation the loop did not log
         summaries.log_validation(writer, final_step, final, config, grid)
     writer.write(final_step, results["trained"])
+    if outcome["last_val_step"] != final_step:
+        for name, counts in reporting.val_histograms(final).items():
+            writer.write_histogram(final_step, name, counts)
     writer.close()
     results["best"] = _export(run, state, final)
     loop.write_results(workdir, results)
@@ -89,7 +110,7 @@ def _baselines(run: loop.Run) -> dict:
     """The untrained head's probe and k-means baselines (the demo's reference points)."""
     config, spec = run.config, run.spec
     initial_params = sharding.replicate(run.initial_params, run.mesh)
-    out = {"untrained_head": reports.val_summary(run.validate(initial_params))}
+    out = {"untrained_head": reports.val_summary(run.validate(initial_params, 0))}
     initial = model_lib.full_params(run.backbone_params, initial_params)
     for name, embed, params in (
         ("kmeans_untrained_head", baselines.code_embedding(spec), initial),
@@ -104,7 +125,8 @@ def _baselines(run: loop.Run) -> dict:
 
 def _export(run: loop.Run, state, final) -> dict | None:
     """Writes export/ (the final head) and export_best/ (the best validated checkpoint, with
-    its step and score); process 0 only. Returns the best checkpoint's selection record."""
+    its step and score; only when validating on labels); process 0 only. Returns the best
+    checkpoint's selection record (None without one)."""
     config, workdir = run.config, run.workdir
     final_step = int(jax.device_get(state.step))
     best = checkpoint.best_selection(run.manager, config.train.best_metric)
@@ -115,6 +137,7 @@ def _export(run: loop.Run, state, final) -> dict | None:
         "step": final_step,
         "metric": config.train.best_metric,
         "score": reports.val_summary(final).get(config.train.best_metric),
+        "validation": run.plan.mode,
     }
     exports.write_export(
         os.path.join(workdir, "export"),
@@ -124,6 +147,12 @@ def _export(run: loop.Run, state, final) -> dict | None:
         final_selection,
         replace=True,
     )
+    if best is None and not run.plan.labelled:
+        print(
+            "export_best/ not written: the run validated without labels, and no label-free "
+            "score tells a better segmentation from a worse one (export/ holds the final head)",
+            flush=True,
+        )
     if best is not None:
         layout = exports.RunLayout(workdir=workdir, config=config, members=None)
         trainable, _, _ = exports.restore_trainable(
