@@ -144,3 +144,14 @@ def test_member_runs_get_safe_distinct_folders(tmp_path):
     assert rows == [{"step": 1, "m0/loss": 1.0, "m1/loss": 2.0, "steps_per_s": 3.0}]
     assert read_run(str(tmp_path / "tensorboard" / "m1")).Scalars("loss")[0].value == 2.0
     assert read_run(str(tmp_path / "tensorboard")).Tags()["scalars"] == ["steps_per_s"]
+
+
+def test_a_label_free_run_shows_its_monitoring_scalars_beside_the_hyperparameters(tmp_path):
+    config = tiny_config()
+    writer = metric_writer.MetricWriter(str(tmp_path))
+    summaries.log_run_start(writer, config, 0, labelled=False)
+    writer.close()
+    reader = read_run(str(tmp_path / "tensorboard"))
+    experiment = hparams_data(reader, "experiment").experiment
+    assert [m.name.tag for m in experiment.metric_infos] == list(summaries.LABEL_FREE_METRICS)
+    assert session_values(reader) == expected_values(config)

@@ -134,6 +134,11 @@ def write_image_summary(
 HPARAM_METRICS = (
     "val/cluster_miou", "val/cluster_accuracy", "val/linear_miou", "val/linear_accuracy", "loss",
 )  # fmt: skip
+# ... and beside a label-free run's (train.validate="none": monitoring without labels).
+LABEL_FREE_METRICS = (
+    "monitor/cluster_entropy_normalised", "monitor/dead_clusters", "monitor/largest_cluster",
+    "loss",
+)  # fmt: skip
 # Fields that tell runs apart besides the per-member ones (config.MEMBER_FIELDS).
 RUN_FIELDS = (
     "objective", "model.variant", "model.dim", "data.name", "data.n_classes", "train.batch_size",
@@ -149,16 +154,19 @@ def run_hparams(config: ml_collections.ConfigDict, settings: dict | None = None)
     return values
 
 
-def log_run_start(writer, config: ml_collections.ConfigDict, step: int, members=None) -> None:
+def log_run_start(
+    writer, config: ml_collections.ConfigDict, step: int, members=None, labelled: bool = True
+) -> None:
     """The resolved config as text and the hyperparameters: one HParams session for a single
-    run, one per member (members: the sweep table, [{"name", "settings"}])."""
+    run, one per member (members: the sweep table, [{"name", "settings"}]), shown beside the
+    validation scores (or, `labelled` False, the label-free monitoring scalars)."""
     text = "\n".join("    " + line for line in config.to_json(indent=2).splitlines())
     writer.write_text("config", text, step)
     if members is None:
         sessions = {None: run_hparams(config)}
     else:
         sessions = {m["name"]: run_hparams(config, m["settings"]) for m in members}
-    writer.write_hparams(sessions, HPARAM_METRICS)
+    writer.write_hparams(sessions, HPARAM_METRICS if labelled else LABEL_FREE_METRICS)
 
 
 def log_validation(

@@ -49,7 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"{workdir} already finished: {loop.RESULTS_FILE} kept", flush=True)
         return run.finished
     writer = MetricWriter(workdir)
-    summaries.log_run_start(writer, config, int(jax.device_get(run.state.step)))
+    start_step = int(jax.device_get(run.state.step))
+    summaries.log_run_start(writer, config, start_step, labelled=run.plan.labelled)
     program = step_lib.make_train_step(config.train.parallelism, run.spec, objective, run.mesh)
     step_fn = step_lib.BoundStep(
         program, run.backbone_params, run.k_step, sharding.replicate(hp, run.mesh), objective
