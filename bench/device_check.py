@@ -18,7 +18,11 @@ Measures, on the first local device, with random weights and one random host bat
 4. the sweep cost: the population step (depthg_jax.training.population) for P = 1, 8, 32, S/8;
 5. evaluation images/s: the protocol's jitted step (flip on, no CRF) at 320 px, S/8;
 6. side by side, the PyTorch statement of the released step (bench/torch_reference_step.py)
-   on the same device (CUDA when torch sees one; its FPS is the release's host loop).
+   on the same device (CUDA when torch sees one; its FPS is the release's host loop);
+7. depth maps (bench/depth_gen.py's device_section): the Depth Anything V2 Small forward in
+   JAX (float32, bfloat16) and in transformers on the same device, images/s, and the depth
+   command end to end (COCO-sized JPEGs in, 8-bit PNGs out) with each backend, with how far
+   apart their PNGs are.
 
 Sections run in that order; once --budget_s is spent the rest are listed as skipped, so the
 command stays within its time. --smoke swaps in the tiny mu/8 variant at 64 px, batch 8,
@@ -384,6 +388,16 @@ def main(argv=None) -> list[str]:
         except Exception as e:  # noqa: BLE001 - report, do not lose the other figures
             traceback.print_exc()
             lines.append(f"PyTorch reference step failed: {type(e).__name__}: {e}")
+        log(lines[-1])
+    if budget_left("depth maps"):
+        from depth_gen import device_section
+
+        lines.append("")
+        try:
+            lines += device_section(args.smoke, steps, log)
+        except Exception as e:  # noqa: BLE001 - report, do not lose the other figures
+            traceback.print_exc()
+            lines.append(f"Depth maps failed: {type(e).__name__}: {e}")
         log(lines[-1])
     lines.append(f"Device peak memory in use (whole run): {mib(device_peak_bytes())} MiB.")
     if skipped:

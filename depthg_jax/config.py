@@ -33,6 +33,7 @@ OBJECTIVES = ("reference", "corrected")
 DTYPES = ("float32", "bfloat16", "float16")
 CRF_IMAGES = ("exact", "reference")
 PARALLELISMS = ("jit", "pmap")
+PARAM_DTYPES = ("float32", "bfloat16")
 SAMPLINGS = ("fps", "random")
 BEST_METRICS = ("val/cluster_miou", "val/cluster_accuracy")
 VALIDATIONS = ("auto", "labels", "none")
@@ -121,6 +122,12 @@ FIELDS: dict[str, Field] = {
     "model.allow_random_backbone": Field(False, 'Must be True to train with weights == "".'),
     "model.dtype": Field(
         "float32", 'Backbone compute dtype; "bfloat16" on accelerators.', choices=DTYPES
+    ),
+    "model.backbone_param_dtype": Field(
+        "float32",
+        'Dtype the frozen backbone\'s parameters are held in on the devices, cast once at load: '
+        '"float32" (the reference) or "bfloat16" (half the memory; docs/pods.md#parameter-dtype).',
+        choices=PARAM_DTYPES,
     ),
     "model.matmul_precision": Field(
         "default",
@@ -286,6 +293,14 @@ FIELDS: dict[str, Field] = {
     "train.restart": _resumable(
         False,
         "Start over in a workdir that holds a run: its files move to <workdir>/previous-<time>/.",
+    ),
+    # --- Device mesh ('data', 'model'): docs/pods.md
+    "mesh.model": _resumable(
+        1,
+        "Devices each frozen-backbone parameter is split over (the mesh's 'model' axis); the "
+        "batch splits over the other axis, 'data' = devices / mesh.model. 1: data parallelism "
+        "only. `python -m depthg_jax.plan` says which value a backbone needs on a slice.",
+        low=1,
     ),
     # --- Evaluation (the final protocol; a resumed run may change it)
     "eval.batch_size": _resumable(16, "Global eval batch.", low=1),

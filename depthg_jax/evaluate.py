@@ -108,7 +108,7 @@ def run(checkpoint_dir: str, config_override=None, out_dir: str | None = None, m
                 reports.write_label_free_report(results, clusters, colours, sheet, out_dir)
             )
         return results, names, paths, selection
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_for(config)  # the export's mesh.model: its backbone split as trained
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     loader = pipeline.make_eval_loader(
         eval_data,

@@ -48,8 +48,8 @@ from depthg_jax.data import images as images_lib
 from depthg_jax.data import palette
 from depthg_jax.evaluation import crf as crf_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.models import variants
-from depthg_jax.runtime import checkpoint, xla
+from depthg_jax.models import partitioning, variants
+from depthg_jax.runtime import checkpoint, sharding, xla
 
 # PIL's EXIF orientation (tag 0x0112) -> the numpy operation that shows the image upright.
 EXIF_ORIENTATION_TAG = 0x0112
@@ -252,7 +252,15 @@ class Segmenter:
 
     def __init__(self, config, params, *, probe="cluster", crf=False, res=None, batch_size=8,
                  flip=True):  # fmt: skip
-        self.config, self.params = config, params
+        # On the first mesh.model devices, the backbone split over them as in training.
+        model = sharding.model_axis(config)
+        if model > jax.local_device_count():
+            raise InputError(
+                f"the export was trained with mesh.model={model}: running it needs {model} "
+                f"devices, this host has {jax.local_device_count()}"
+            )
+        self.mesh = sharding.make_mesh(jax.local_devices()[:model], model=model)
+        self.config, self.params = config, partitioning.place_params(params, self.mesh)
         self.spec = model_lib.ModelSpec.from_config(config)
         self.n_classes = self.spec.n_classes
         patch = variants.patch_size(self.spec.variant)
@@ -341,7 +349,13 @@ class Segmenter:
         for i, image in enumerate(originals):
             inputs[i] = resize_rgb(image, self.res)
         labels, log_probs, code = jax.device_get(
-            _forward(self.params, inputs, spec=self.spec, flip=self.flip, probe=self.probe)
+            _forward(
+                self.params,
+                jax.device_put(inputs, sharding.replicated(self.mesh)),
+                spec=self.spec,
+                flip=self.flip,
+                probe=self.probe,
+            )
         )
         count = len(originals)
         probs = np.exp(log_probs[:count].astype(np.float32))

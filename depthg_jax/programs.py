@@ -69,6 +69,12 @@ UNLISTED = {
         "a random backbone's init, run once and only without pretrained weights (demo, tests)"
     ),
     "depthg_jax.models.model:_init_params": "the whole model's random init (tests, demos)",
+    "depthg_jax.runtime.sharding:_reshard": (
+        "an identity jit that moves an array to another sharding (no computation)"
+    ),
+    "depthg_jax.models.convert:check_finite_on_devices": (
+        "one isfinite count per loaded backbone tensor, run once at load (elementwise ops)"
+    ),
     "depthg_jax.training.step:make_pmap_train_step.step_fn": (
         "jax.pmap, which jax.export cannot take (it exports jit programs only); its body is "
         "the jit step's own update_from_features plus all_gather and pmean"
@@ -253,6 +259,46 @@ def _portable_inference(s: Shapes) -> Lowerable:
     return Lowerable("portable_inference", program, (s.params, portable.abstract_images(res)))
 
 
+def _heldout_terms(s: Shapes) -> Lowerable:
+    """Label-free monitoring: the objective's terms on a held-out batch (one device)."""
+    from depthg_jax.training import loop
+
+    objective = objective_lib.Objective.from_config(s.config, sampling="fps")
+    b, e = int(s.config.eval.batch_size), int(s.config.data.eval_res)
+    images = _struct((b, e, e, 3), jnp.uint8)
+    depth = _struct((b, e, e), jnp.float32)
+    trainable = s.state().params
+    step = _struct((), jnp.int32)
+    args = (trainable, s.params["backbone"], images, depth, s.key, step, s.hp())
+    return Lowerable("heldout_terms", xla.as_jax_jit(loop.heldout_terms), args,
+                     {"spec": s.spec, "objective": objective,
+                      "num_side": objective.samples_at(0)})  # fmt: skip
+
+
+def _segmenter_forward(s: Shapes) -> Lowerable:
+    """inference.Segmenter's batch: labels, log-probabilities and code of one probe."""
+    from depthg_jax import inference
+
+    images = s.eval_batch()[0]
+    return Lowerable("segmenter_forward", xla.as_jax_jit(inference._forward), (s.params, images),
+                     {"spec": s.spec, "flip": True, "probe": "cluster"})  # fmt: skip
+
+
+def _depth_anything(s: Shapes) -> Lowerable:
+    """The depth command's JAX forward: Depth Anything V2 Small on a batch of COCO-sized
+    (518 x 686) uint8 images, flip TTA on, as `python -m depthg_jax.data.depth` runs it."""
+    from depthg_jax.data import depth
+    from depthg_jax.models import depth_anything as da
+
+    spec = da.VARIANTS["da2-S"]
+    stats = (da.IMAGENET_MEAN, da.IMAGENET_STD, 1 / 255)
+    program = depth._jax_forward(spec, "float32", True, stats, s.mesh)
+    images = _struct((8, 518, 518, 3), jnp.float32)
+    params = jax.eval_shape(da.DepthAnything(spec).init, jax.random.key(0), images)["params"]
+    batch = s.batch(x=((4 * s.mesh.devices.size, 518, 686, 3), jnp.uint8))["x"]
+    return Lowerable("depth_anything", xla.as_jax_jit(program), (s.replicate(params), batch))
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     name: str
@@ -294,6 +340,12 @@ ENTRIES = (
           (_EVAL_STEP,), functools.partial(_kmeans_step, of="backbone")),
     Entry("kmeans_code_step", "the k-means predictor's evaluation step (code)",
           (_EVAL_STEP,), functools.partial(_kmeans_step, of="code")),
+    Entry("heldout_terms", "label-free monitoring's losses on held-out images",
+          ("depthg_jax.training.loop:heldout_terms",), _heldout_terms),
+    Entry("segmenter_forward", "the Python API's (and segment's) batch with flip",
+          ("depthg_jax.inference:_forward",), _segmenter_forward),
+    Entry("depth_anything", "the depth command's Depth Anything V2 forward (flip TTA)",
+          ("depthg_jax.data.depth:_jax_forward",), _depth_anything),
     Entry("portable_inference", "the portable artifact's function (params as arguments here; "
           "the artifact holds them as constants)",
           ("depthg_jax.runtime.portable:inference_program.infer",

@@ -75,6 +75,7 @@ def run_knn(config, devices, extra=(), process_id=None):
         f"--config={config}",
         "--per_device_batch=1",
         "--k=5",
+        "--config.data.num_neighbors=4",
         *extra,
     ]
     return subprocess.Popen(

@@ -1,7 +1,10 @@
 """Tests of the depth-generation command (depthg_jax.data.depth) and its file helpers.
 
-The model is a tiny Depth Anything (2-layer Dinov2 backbone, random weights) saved with
-save_pretrained into a temporary folder and loaded by path: no download, no network.
+The model is a tiny Depth Anything (2-layer width-32 Dinov2 backbone, the "v2-mu/14" variant,
+random weights) saved with save_pretrained into a temporary folder and loaded by path: no
+download, no network. Depth Anything runs on the JAX backend by default; `tiny_model` (a
+loaded PyTorch model) and `--backend=torch` run the PyTorch one, and both must write the same
+maps.
 """
 
 import hashlib
@@ -12,13 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from depth_anything_test import official_state  # a test module (tests/ is on sys.path)
 from PIL import Image
 
 from depthg_jax.data import depth as depth_cmd
 from depthg_jax.data import depth_io
 from depthg_jax.data import images as images_lib
+from depthg_jax.models import depth_anything as da
 
 try:  # The optional 'depth' extra; these tests need it and fail (not skip) without it.
     import torch
@@ -41,7 +47,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=128,  # mlp_ratio 4: the project's "v2-mu/14" ViT
         patch_size=14,
         image_size=28,
         out_indices=[1, 2],
@@ -57,8 +63,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         patch_size=14,
     )
     torch.manual_seed(0)
-    transformers.DepthAnythingForDepthEstimation(config).save_pretrained(path)
-    processor = transformers.DPTImageProcessor(
+    model = transformers.DepthAnythingForDepthEstimation(config)
+    with torch.no_grad():  # every tensor matters (biases, LayerNorm affine, LayerScale)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        model.head.conv3.bias.add_(0.5)  # most of the map above the final ReLU
+    model.save_pretrained(path)
+    processor = transformers.DPTImageProcessorPil(
         size={"height": 56, "width": 56},
         keep_aspect_ratio=True,
         ensure_multiple_of=14,
@@ -115,6 +126,19 @@ def reference_depth(model_dir: Path, image_path: Path) -> np.ndarray:
         out.predicted_depth[:, None], size=image.shape[:2], mode="bicubic", align_corners=False
     )
     return resized[0, 0].numpy()
+
+
+def interrupt_after(n: int):
+    """(the out paths reported done, an on_image_done that raises KeyboardInterrupt at the n-th,
+    as if the run were stopped there)."""
+    done = []
+
+    def stop(rel, out_path):
+        done.append(out_path)
+        if len(done) == n:
+            raise KeyboardInterrupt
+
+    return done, stop
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -340,16 +364,10 @@ def test_nearest_is_override_flips_the_map(tiny_model, tiny_model_dir, tmp_path)
 def test_interrupted_run_resumes(tiny_model, tmp_path):
     rels = write_directory_dataset(tmp_path)
     images, out = tmp_path / "images", tmp_path / "depth"
-    done = []
-
-    def stop_after_two(rel, out_path):
-        done.append(out_path)
-        if len(done) == 2:
-            raise KeyboardInterrupt
-
+    done, stop = interrupt_after(2)
     with pytest.raises(KeyboardInterrupt):
         depth_cmd.generate_depth(
-            images, out, tiny_model, batch_size=1, progress=False, on_image_done=stop_after_two
+            images, out, tiny_model, batch_size=1, progress=False, on_image_done=stop
         )
     on_disk = sorted(p for p in out.rglob("*") if p.is_file())
     assert on_disk == sorted(done)  # Two whole files, no temporaries.
@@ -533,3 +551,225 @@ def test_flip_average_checks_shapes():
     np.testing.assert_array_equal(depth_cmd.flip_average(a, a), [[[1, 1, 1], [4, 4, 4]]])
     with pytest.raises(ValueError, match=r"\(1, 2, 3\).*\(1, 3, 2\)"):
         depth_cmd.flip_average(a, a.reshape(1, 3, 2))
+
+
+# --- The JAX path (the default for Depth Anything) ---------------------------------------------
+
+
+def png_stats(a: Path, b: Path, rels) -> tuple[int, float]:
+    """(max grey-level difference, share of identical pixels) of the maps of rels under a, b."""
+    worst, same, total = 0, 0, 0
+    for rel in rels:
+        x = np.asarray(Image.open(a / depth_io.map_output_path(rel))).astype(int)
+        y = np.asarray(Image.open(b / depth_io.map_output_path(rel))).astype(int)
+        assert x.shape == y.shape
+        worst, same, total = (
+            max(worst, int(np.abs(x - y).max())),
+            same + (x == y).sum(),
+            total + x.size,
+        )
+    return worst, same / total
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_jax_maps_equal_the_pytorch_maps(tiny_model_dir, tmp_path, capsys, flip):
+    rels = write_directory_dataset(tmp_path)
+    images = tmp_path / "images"
+    for backend in ("jax", "torch"):
+        argv = [f"--images={images}", f"--out={tmp_path / backend}", f"--model={tiny_model_dir}"]
+        argv += [f"--backend={backend}", "--batch_size=2", *(["--flip_tta"] if flip else [])]
+        rc, err = run_main(argv, capsys)
+        assert rc == 0, err
+        assert f"depth: {backend} backend" in err and "written 5, skipped 0" in err
+    worst, same = png_stats(tmp_path / "jax", tmp_path / "torch", rels)
+    assert worst <= 1 and same >= 0.99, (worst, same)
+
+
+def test_auto_backend_is_jax_for_depth_anything_and_torch_for_others(
+    tiny_model_dir, tiny_zoedepth_dir
+):
+    assert depth_cmd.choose_backend(tiny_model_dir) == "jax"
+    assert depth_cmd.choose_backend(tiny_zoedepth_dir) == "torch"
+    assert depth_cmd.choose_backend(tiny_zoedepth_dir, "jax") == "jax"
+
+
+def test_flip_tta_changes_the_jax_map(tiny_model_dir, tmp_path):
+    rels = write_directory_dataset(tmp_path)
+    jm = depth_cmd.load_jax_model(str(tiny_model_dir))
+    for flip in (False, True):
+        out = tmp_path / f"flip_{flip}"
+        summary = depth_cmd.generate_depth(
+            tmp_path / "images", out, jm, flip_tta=flip, progress=False
+        )
+        assert summary.written == 5
+    worst, _ = png_stats(tmp_path / "flip_False", tmp_path / "flip_True", rels)
+    assert worst > 8  # the random model is not mirror-symmetric
+
+
+def test_one_compile_per_preprocessed_shape(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Images of 5 sizes in 4 preprocessed shapes (33x33 and 32x32 both become 56x56): one
+    program per shape, however many images share it (partial batches are padded), and the
+    images run in shape order, so only each shape's last batch is partial."""
+    write_directory_dataset(tmp_path, n_extra=3)  # three more 32x32 images
+    jm = depth_cmd.load_jax_model(str(tiny_model_dir))
+    pre = jm.preprocess
+    shapes = {
+        da.preprocessed_size(h, w, pre["size"], pre["multiple"], pre["keep_aspect_ratio"])
+        for h, w in SIZES + [(32, 32)]
+    }
+    assert len(shapes) < len(set(SIZES + [(32, 32)]))
+    depth_cmd._jax_forward.cache_clear()  # a fresh jitted forward: count its programs
+    forward = depth_cmd.JaxPredictor(jm, 3, "float32", False).forward  # the run's (cached)
+    before = forward._cache_size()
+    batches = []
+    submit = depth_cmd.JaxPredictor.submit
+    monkeypatch.setattr(
+        depth_cmd.JaxPredictor,
+        "submit",
+        lambda self, items: (
+            batches.append([it.pixel_values.shape for it in items]) or submit(self, items)
+        ),
+    )
+    summary = depth_cmd.generate_depth(
+        tmp_path / "images", tmp_path / "depth", jm, batch_size=3, progress=False
+    )
+    assert summary.written == len(SIZES) + 3
+    counts = {}
+    for h, w in SIZES + [(32, 32)] * 3:
+        key = da.preprocessed_size(h, w, pre["size"], pre["multiple"], pre["keep_aspect_ratio"])
+        counts[key] = counts.get(key, 0) + 1
+    assert len(batches) == sum(-(-n // 3) for n in counts.values())  # one partial per shape
+    assert all(len(set(b)) == 1 for b in batches)
+    assert f"{len(shapes)} input shape(s), one compiled program each" in capsys.readouterr().err
+    assert forward._cache_size() - before == len(shapes)
+
+
+def test_jax_run_resumes_after_an_interruption(tiny_model_dir, tmp_path):
+    rels = write_directory_dataset(tmp_path, n_extra=6)
+    images, out = tmp_path / "images", tmp_path / "depth"
+    jm = depth_cmd.load_jax_model(str(tiny_model_dir))
+    done, stop = interrupt_after(3)
+    with pytest.raises(KeyboardInterrupt):
+        depth_cmd.generate_depth(images, out, jm, batch_size=2, progress=False, on_image_done=stop)
+    on_disk = sorted(p for p in out.rglob("*") if p.is_file())
+    assert set(done) <= set(on_disk) and len(on_disk) < len(rels)  # writers may be ahead
+    assert all(p.name.endswith("_zoedepth.png") for p in on_disk)  # no temporaries left
+    for path in on_disk:
+        with Image.open(path) as png:
+            png.load()  # whole files only
+    summary = depth_cmd.generate_depth(images, out, jm, progress=False)
+    assert (summary.written, summary.skipped) == (len(rels) - len(on_disk), len(on_disk))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == sorted(
+        depth_io.map_output_path(r) for r in rels
+    )
+
+
+def test_official_pth_converts_to_the_hf_folders_params(tiny_model_dir, tmp_path, capsys):
+    """An official-layout .pth (renamed from the tiny model, torch.save'd) is read without
+    torch into the same params as the HF folder (the real Small shape, with its default
+    layers, is compared with transformers in tests/depth_anything_test.py)."""
+    from safetensors.numpy import load_file
+
+    from depthg_jax.models import convert_depth_anything as convert_da
+
+    write_directory_dataset(tmp_path)
+    official = official_state(load_file(str(tiny_model_dir / "model.safetensors")))
+    pth = tmp_path / "depth_anything_v2_vitmu.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in official.items()}, pth)
+    state = convert_da.read_state_dict(pth)
+    spec = convert_da.infer_spec(state, layers=(1, 2))
+    folder = depth_cmd.load_jax_model(str(tiny_model_dir))
+    assert spec == folder.spec
+    from_pth = convert_da.convert_state_dict(state, spec)
+    assert jax.tree.structure(from_pth) == jax.tree.structure(folder.params)
+    for a, b in zip(jax.tree.leaves(from_pth), jax.tree.leaves(folder.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A .pth has no config: its layers follow the encoder's width, unknown for width 32.
+    argv = [f"--images={tmp_path / 'images'}", f"--out={tmp_path / 'o'}", f"--model={pth}"]
+    rc, err = run_main(argv, capsys)
+    assert rc == 2 and "no default intermediate layers for encoder width 32" in err
+
+
+def test_offline_hub_name_says_what_to_download_and_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
+    write_directory_dataset(tmp_path)
+    argv = [f"--images={tmp_path / 'images'}", f"--out={tmp_path / 'depth'}"]
+    rc, err = run_main([*argv, "--backend=jax"], capsys)  # the default model
+    assert rc == 2
+    assert depth_cmd.DEFAULT_MODEL in err and "hub is unreachable" in err
+    assert f"hf download {depth_cmd.DEFAULT_MODEL} --local-dir DIR" in err
+    assert "--model=DIR" in err
+
+
+def test_help_lists_every_flag_and_exits_0(capsys):
+    assert depth_cmd.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("images", "out", "model", "backend", "batch_size", "format", "device", "dtype",
+                 "nearest_is", "flip_tta", "progress", "distributed", "coordinator_address",
+                 "num_processes", "process_id"):  # fmt: skip
+        assert f"--{flag}" in out or f"--[no]{flag}" in out, flag
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_depth_process(argv, devices: int) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    cmd = [sys.executable, "-m", "depthg_jax.data.depth", "--noprogress", *map(str, argv)]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_write_disjoint_shares_that_equal_one_process(tiny_model_dir, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed on localhost, gloo) against 1 process x 2
+    devices: each process writes only its share, together every map, equal to one process's."""
+    rels = write_directory_dataset(tmp_path, n_extra=8)  # 13 images, 5 sizes
+    images = tmp_path / "images"
+    common = [f"--images={images}", f"--model={tiny_model_dir}", "--batch_size=2"]
+    port = free_port()
+    dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [
+        run_depth_process([*common, f"--out={tmp_path / 'two'}", *dist, f"--process_id={i}"], 2)
+        for i in range(2)
+    ]
+    procs.append(run_depth_process([*common, f"--out={tmp_path / 'one'}"], 2))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
+    written = []
+    for i, out in enumerate(outs[:2]):
+        assert f"(process {i} of 2: its share)" in out, out
+        line = next(x for x in out.splitlines() if x.startswith("depth: written "))
+        written.append(int(line.split()[2].rstrip(",")))
+    share = [len(rels[i::2]) for i in range(2)]
+    assert written == share and sum(written) == len(rels)  # each map written exactly once
+    for path in (tmp_path / "two", tmp_path / "one"):
+        assert sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file()) == sorted(
+            depth_io.map_output_path(r) for r in rels
+        )
+    worst, same = png_stats(tmp_path / "two", tmp_path / "one", rels)
+    assert worst <= 1 and same >= 0.999, (worst, same)
+    # Run again: every process finds its share done and nothing is rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("*")}
+    port = free_port()
+    dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [
+        run_depth_process([*common, f"--out={tmp_path / 'two'}", *dist, f"--process_id={i}"], 2)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(outs)
+    assert all("written 0, skipped" in out for out in outs), outs
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("*")} == mtimes

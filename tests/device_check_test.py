@@ -27,3 +27,5 @@ def test_device_check_smoke_runs_every_section_and_writes_markdown(tmp_path):
     assert any(line.startswith("Evaluation (mu/8") for line in lines)
     assert any("PyTorch statement of the released step" in line for line in lines), lines
     assert not any(line.startswith("Skipped") for line in lines)
+    assert any(line.startswith("Depth maps (tiny Depth Anything") for line in lines), lines
+    assert not any(line.startswith("Depth maps failed") for line in lines), lines

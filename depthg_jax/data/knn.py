@@ -321,9 +321,13 @@ def embedding_program(features, *, dropout: float = 0.0):
     return embed
 
 
-def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_key=None):
+def make_sharded_feature_fn(
+    features, params, *, dropout: float = 0.0, dropout_key=None, mesh=None
+):
     """A feature_fn running `features(params, images)` jitted over every device of every
-    process (batch on 'data'), returning pooled, L2-normalised features in global order.
+    process (batch on 'data', a backbone's parameters split over 'model' by
+    models/partitioning.py; `mesh` defaults to all devices on 'data'), returning pooled,
+    L2-normalised features in global order.
 
     dropout > 0: channel dropout (Dropout2d) on the feature map before pooling, a fresh mask
     per image and call from `dropout_key` (the release's KNN features;
@@ -332,11 +336,12 @@ def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_k
     import jax
     from jax.experimental import multihost_utils
 
+    from depthg_jax.models import partitioning
     from depthg_jax.runtime import sharding
 
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh() if mesh is None else mesh
     batch_sharding = sharding.batch_sharding(mesh)
-    params = sharding.replicate(params, mesh)
+    params = partitioning.place_params(params, mesh)
     if dropout and dropout_key is None:
         raise ValueError("KNN feature dropout needs a dropout_key")
     embed = embedding_program(features, dropout=dropout)
@@ -383,7 +388,8 @@ def make_knn_table(
     import jax
 
     from depthg_jax.models import model as model_lib
-    from depthg_jax.runtime import distributed, seeds
+    from depthg_jax.models import partitioning
+    from depthg_jax.runtime import distributed, seeds, sharding
 
     data_cfg = config.data
     check_knn_args(per_device_batch, k, data_cfg.get("num_neighbors", 1))
@@ -402,7 +408,10 @@ def make_knn_table(
         log.warning(
             "KNN table from a %s backbone (model.variant is %s)", variant, config.model.variant
         )
-    params = model_lib.init_backbone(config.model, seeds.run_keys(config.seed)[0], variant)
+    mesh = sharding.mesh_for(config)
+    params = partitioning.load_backbone(
+        config.model, seeds.run_keys(config.seed)[0], mesh, variant
+    )
     dropout = float(data_cfg.get("knn_dropout", 0.0))
     spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), variant=variant)
     feature_fn = make_sharded_feature_fn(
@@ -410,12 +419,13 @@ def make_knn_table(
         params,
         dropout=dropout,
         dropout_key=seeds.knn_dropout_key(config.seed) if dropout else None,
+        mesh=mesh,
     )
     build_knn_table(
         source,
         feature_fn,
         res=data_cfg.train_res,
-        global_batch_size=per_device_batch * jax.device_count(),
+        global_batch_size=per_device_batch * sharding.data_size(mesh),
         k=k,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -35,6 +35,7 @@ from depthg_jax.evaluation import crf as crf_lib
 from depthg_jax.evaluation import metrics
 from depthg_jax.method import image_ops
 from depthg_jax.models import model as model_lib
+from depthg_jax.models import partitioning
 from depthg_jax.runtime import sharding, xla
 
 PROBES = ("cluster", "linear")
@@ -115,7 +116,8 @@ class Evaluator:
     Args:
       predict: the predict function; probe names from its "labels".
       n_classes: ground-truth classes = prediction ids.
-      mesh: 1-D ('data',) mesh (default: all devices).
+      mesh: the ('data', 'model') mesh (runtime/sharding.py; default: all devices on
+        'data'); batches split over 'data', the backbone over 'model'.
       crf: also score dense-CRF-refined predictions (host, in parallel).
       crf_image: the CRF's RGB input: "exact" (the uint8 image) or "reference" (the release's
         floor(255 * unnormalised image), `image_ops.release_crf_image`).
@@ -180,7 +182,9 @@ class Evaluator:
         """
         from tqdm import tqdm
 
-        params = sharding.ensure_replicated(params, self.mesh)
+        # The backbone split over 'model' by the rules, the rest replicated; params already
+        # on the mesh (the trainer's) stay where they are.
+        params = partitioning.place_params(params, self.mesh)
         own_pool = self.crf and crf_pool is None
         pool = crf_lib.make_crf_pool() if own_pool else crf_pool
         totals: dict = {"confusion": {}, "usage": {}}

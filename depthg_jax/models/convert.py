@@ -239,8 +239,13 @@ def _check_keys_and_shapes(state: dict[str, np.ndarray], variant: str) -> None:
     state_dicts.check_against_shapes(state, expected_shapes(variant, n), variant)
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
+def convert_state_dict(
+    state_dict: dict[str, np.ndarray], variant: str, *, consume: bool = False
+) -> dict[str, Any]:
     """Official-named state dict -> the "params" of ``vit.build_backbone(variant)``.
+
+    consume: convert tensor by tensor, taking each out of `state_dict` (left empty) as it is
+    converted: the weights are never held twice (what the command and `load_backbone` do).
 
     Weights are float32 numpy arrays: Linear (out, in) becomes a Dense kernel (in, out),
     the patch Conv2d (C, 3, p, p) a Conv kernel (p, p, 3, C), LayerNorm weight its scale.
@@ -250,10 +255,12 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], variant: str) -> dict[
     """
     check_finite_weights(state_dict, "the weights")
     if get_variant(variant).family != "v1":
-        return convert_v2v3.convert_state_dict_v2v3(state_dict, variant)
+        return convert_v2v3.convert_state_dict_v2v3(state_dict, variant, consume=consume)
     state = {k: np.asarray(v) for k, v in state_dict.items()}
+    if consume:
+        state_dict.clear()  # `state` holds the only references now
     _check_keys_and_shapes(state, variant)
-    return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"))
+    return state_dicts.to_flax_params(state, tokens=("cls_token", "pos_embed"), consume=consume)
 
 
 def check_finite_weights(named: dict[str, Any], source: str) -> None:
@@ -276,24 +283,65 @@ def check_finite_weights(named: dict[str, Any], source: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+# Storage pieces per parameter: each converted tensor is written in chunks that split every
+# axis into up to this many pieces in all (balanced, XLA's shard boundaries included for a
+# 'model' axis of up to 8), so a host restoring its shards reads only the chunks they cover.
+STORAGE_PIECES = 64
+# No chunk smaller than this (small tensors stay one chunk: reading them whole costs little).
+MIN_CHUNK_BYTES = 4096
+
+
+def _chunk_bytes(x) -> int:
+    nbytes = int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return max(nbytes // STORAGE_PIECES, MIN_CHUNK_BYTES)
+
+
 def save_backbone(
     params: dict[str, Any], variant: str, out: str | os.PathLike, source: str
 ) -> None:
-    """Writes params as an Orbax checkpoint plus backbone.json; atomic (temp dir + rename)."""
+    """Writes params as an Orbax checkpoint plus backbone.json; atomic (temp dir + rename).
+
+    Each tensor is stored in chunks (`STORAGE_PIECES`), so that `load_backbone` with sharded
+    targets reads, on each host, only the chunks of the shards that host's devices hold.
+    """
+    import jax
     import orbax.checkpoint as ocp
 
     out = Path(out).absolute()
     if out.exists():
         raise FileExistsError(f"output {out} already exists; choose a new --out directory")
+    save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=_chunk_bytes(x)), params)
     with files.atomic_directory(out, prefix=f".{out.name}.") as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(Path(tmp) / PARAMS_DIR, params)
-            ckptr.wait_until_finished()
+        with _quiet_chunk_warning():
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(Path(tmp) / PARAMS_DIR, params, save_args=save_args)
+                ckptr.wait_until_finished()
         meta = {"variant": variant, "source": source}
         (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _restore_orbax(path: Path, variant: str) -> dict[str, Any]:
+class _quiet_chunk_warning:
+    """Orbax warns of chunks under 1 MiB; ours are small only for small tensors."""
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger("absl")
+        self._filter = lambda record: "target_byte_size too small" not in record.getMessage()
+        self._logger.addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        self._logger.removeFilter(self._filter)
+
+
+def is_converted(path: Path) -> bool:
+    """True for a directory written by `save_backbone` (holds backbone.json)."""
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+def _restore_orbax(path: Path, variant: str, target=None) -> dict[str, Any]:
+    """The params of a converted backbone; `target(shapes)` -> ShapeDtypeStructs with
+    shardings (and dtype) restores straight into them, each host reading its shards only."""
     import orbax.checkpoint as ocp
 
     meta = json.loads((path / META_FILE).read_text())
@@ -302,26 +350,58 @@ def _restore_orbax(path: Path, variant: str) -> dict[str, Any]:
             f"{path} holds a {meta.get('variant')!r} backbone, but variant {variant!r} was asked"
         )
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / PARAMS_DIR)
-    return params
+        if target is None:
+            return ckptr.restore(path / PARAMS_DIR)
+        shapes = ckptr.metadata(path / PARAMS_DIR).item_metadata.tree
+        return ckptr.restore(path / PARAMS_DIR, target(shapes))
 
 
-def load_backbone(path: str | os.PathLike, variant: str) -> dict[str, Any]:
-    """Backbone params for a variant from a converted Orbax dir or any supported weight file."""
+def load_backbone(path: str | os.PathLike, variant: str, target=None) -> dict[str, Any]:
+    """Backbone params for a variant from a converted Orbax dir or any supported weight file.
+
+    target: for a converted dir, a function of the stored shapes returning the tree of
+    ShapeDtypeStructs to restore into (models/partitioning.py: sharded on the mesh, in the
+    configured dtype); the finiteness check then runs on the devices. Weight files ignore it
+    (they load on the host; the caller places them).
+    """
     get_variant(variant)
     path = Path(path)
     if path.is_dir():
         if not (path / META_FILE).is_file():
             raise ValueError(f"{path} is a directory without {META_FILE}: not a converted backbone")
-        params = _restore_orbax(path, variant)
-        check_finite_weights(params, f"the converted weights {path}")
+        params = _restore_orbax(path, variant, target)
+        if target is None:
+            check_finite_weights(params, f"the converted weights {path}")
+        else:
+            check_finite_on_devices(params, f"the converted weights {path}")
         return params
     try:
-        return convert_state_dict(load_state_dict(path), variant)
+        return convert_state_dict(load_state_dict(path), variant, consume=True)
     except ValueError as e:
         if "NaN/inf" in str(e):
             raise ValueError(f"{path}: {e}") from e
         raise
+
+
+def check_finite_on_devices(params: dict[str, Any], source: str) -> None:
+    """check_finite_weights for device (possibly sharded, multi-host) arrays: one reduction per
+    tensor on the devices, and only the verdicts come back."""
+    import jax
+    import jax.numpy as jnp
+
+    from depthg_jax.runtime import sharding
+
+    counts = jax.jit(lambda t: jax.tree.map(lambda x: jnp.sum(~jnp.isfinite(x)), t))(params)
+    counts = sharding.host_copy(counts)
+    flat = jax.tree_util.tree_flatten_with_path(counts)[0]
+    sizes = jax.tree.leaves(jax.tree.map(lambda x: x.size, params))
+    bad = [
+        f"{'.'.join(str(getattr(k, 'key', k)) for k in path)} ({int(n)} of {size} non-finite)"
+        for (path, n), size in zip(flat, sizes, strict=True)
+        if int(n)
+    ]
+    if bad:
+        raise ValueError(f"{source} hold NaN/inf values: {', '.join(bad)}")
 
 
 def download_official(variant: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -370,7 +450,7 @@ def run(fv: flags.FlagValues) -> int:
         if Path(fv.out).exists():
             raise FileExistsError(f"output {fv.out} already exists; choose a new --out")
         weights = Path(fv.weights) if fv.weights else download_official(fv.variant)
-        params = convert_state_dict(load_state_dict(weights), fv.variant)
+        params = convert_state_dict(load_state_dict(weights), fv.variant, consume=True)
         save_backbone(params, fv.variant, fv.out, source=str(weights))
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -350,15 +350,20 @@ def check_keys_and_shapes_v2v3(state: dict[str, np.ndarray], variant: str) -> No
 _TOKENS = ("cls_token", "pos_embed", "mask_token", "register_tokens", "storage_tokens")
 
 
-def convert_state_dict_v2v3(state_dict: dict[str, np.ndarray], variant: str) -> dict[str, Any]:
+def convert_state_dict_v2v3(
+    state_dict: dict[str, np.ndarray], variant: str, *, consume: bool = False
+) -> dict[str, Any]:
     """Official-named DINOv2/DINOv3 state dict -> "params" of Dinov2ViT / Dinov3ViT(variant).
 
     Linear (out, in) -> Dense kernel (in, out); patch Conv2d (C, 3, p, p) -> Conv kernel
     (p, p, 3, C); LayerNorm weight -> scale; LayerScale gamma and tokens as they are; a
     DINOv3 qkv bias is multiplied by its bias_mask. Float32 numpy arrays throughout.
+    consume: empty `state_dict` tensor by tensor as it converts (state_dicts.to_flax_params).
     """
     state = {k: np.asarray(v) for k, v in state_dict.items()}
+    if consume:
+        state_dict.clear()  # `state` holds the only references now
     if get_variant(variant).family == "v3":
         state = _check_optional_v3(state, variant)
     check_keys_and_shapes_v2v3(state, variant)
-    return state_dicts.to_flax_params(state, tokens=_TOKENS)
+    return state_dicts.to_flax_params(state, tokens=_TOKENS, consume=consume)

@@ -42,13 +42,20 @@ def set_in_tree(tree: dict, path: list[str], value: np.ndarray) -> None:
     tree[path[-1]] = value
 
 
-def to_flax_params(state: dict[str, np.ndarray], *, tokens: tuple[str, ...]) -> dict:
+def to_flax_params(
+    state: dict[str, np.ndarray], *, tokens: tuple[str, ...], consume: bool = False
+) -> dict:
     """Official (PyTorch) names -> flax "params": float32, Linear (out, in) -> Dense kernel
     (in, out), patch Conv2d (C, 3, p, p) -> Conv kernel (p, p, 3, C), LayerNorm weight ->
-    scale, `blocks.N.` -> `blocks_N/`; biases, LayerScale gammas and `tokens` as they are."""
+    scale, `blocks.N.` -> `blocks_N/`; biases, LayerScale gammas and `tokens` as they are.
+
+    consume: take each tensor out of `state` as it is converted, so that the source and the
+    result never both hold the whole model (a 7B converts in one model's memory plus one
+    tensor); `state` is left empty."""
     params: dict = {}
-    for key, value in state.items():
-        value = np.asarray(value).astype(np.float32)
+    for key in list(state):
+        value = state.pop(key) if consume else state[key]
+        value = np.asarray(value).astype(np.float32, copy=not consume)
         if key in tokens:
             set_in_tree(params, [key], value)
             continue

@@ -11,22 +11,32 @@ import numpy as np
 from absl import flags
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """--distributed (TPU/SLURM auto-detection) or --coordinator_address/--num_processes/
-    --process_id (any cluster, and CPU tests with gloo)."""
+    --process_id (any cluster, and CPU tests with gloo); on `flag_values` (a command's own)."""
     flags.DEFINE_bool(
-        "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods)."
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() with auto-detection (TPU pods).",
+        flag_values=flag_values,
     )
     flags.DEFINE_string(
-        "coordinator_address", None, "host:port of process 0 (multi-host runs outside TPU/SLURM)."
+        "coordinator_address",
+        None,
+        "host:port of process 0 (multi-host runs outside TPU/SLURM).",
+        flag_values=flag_values,
     )
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.DEFINE_integer(
+        "num_processes", None, "Number of processes (multi-host).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "This process's index (multi-host).", flag_values=flag_values
+    )
 
 
-def initialize() -> None:
+def initialize(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Joins the other processes of a multi-host run (a no-op for a single process)."""
-    f = flags.FLAGS
+    f = flag_values
     if f.coordinator_address or (f.num_processes or 1) > 1:
         # CPU processes need a collectives backend (accelerators bring their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

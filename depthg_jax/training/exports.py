@@ -25,7 +25,8 @@ import ml_collections
 from depthg_jax.data import palette
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
-from depthg_jax.runtime import checkpoint, files, integrity, portable, seeds
+from depthg_jax.models import partitioning
+from depthg_jax.runtime import checkpoint, files, integrity, portable, seeds, sharding
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import sweep
 
@@ -148,8 +149,11 @@ def write_export(
     replace: bool = False,
 ) -> None:
     """One head's export at `out` (replace: swap it in beside an existing one, as training
-    does on a rerun; else `out` must not exist)."""
-    params = model_lib.full_params(jax.device_get(backbone), jax.device_get(trainable))
+    does on a rerun; else `out` must not exist). The backbone is written in
+    config.model.backbone_param_dtype, as training holds it."""
+    dtype = partitioning.param_dtype(str(config.model.get("backbone_param_dtype", "float32")))
+    backbone = jax.tree.map(lambda x: x.astype(dtype, copy=False), sharding.host_copy(backbone))
+    params = model_lib.full_params(backbone, sharding.host_copy(trainable))
     if replace:
         checkpoint.replace_export(out, config, params, selection=selection)
     else:

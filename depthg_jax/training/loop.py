@@ -29,10 +29,11 @@ from depthg_jax.evaluation import evaluator, reports
 from depthg_jax.method import image_ops
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.models import model as model_lib
+from depthg_jax.models import partitioning
 from depthg_jax.runtime import checkpoint, distributed, files, seeds, sharding, xla
 from depthg_jax.runtime.metric_writer import MetricWriter
 from depthg_jax.runtime.preemption import Preemption
-from depthg_jax.training import finite, setup_data, summaries, sweep
+from depthg_jax.training import finite, planning, setup_data, summaries, sweep
 from depthg_jax.training import workdir as workdir_lib
 
 RESULTS_FILE = "results.json"
@@ -247,7 +248,7 @@ class Run:
     workdir: str
     mesh: Any
     spec: model_lib.ModelSpec
-    backbone_params: dict  # replicated on the mesh
+    backbone_params: dict  # on the mesh, split over 'model' (models/partitioning.py)
     k_step: jax.Array
     manager: Any
     loader: Any
@@ -288,9 +289,11 @@ def start_run(
     """Guards the workdir, builds model and data, restores the latest intact checkpoint."""
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.guard_resume(config, workdir)
-    mesh = sharding.make_mesh()
+    mesh = sharding.mesh_for(config)
     sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    if not sweep.is_sweep(config):  # a population checks its members' memory first
+        planning.check_fits(config, mesh)  # before any device work
 
     spec = model_lib.ModelSpec.from_config(config)
     k_backbone, k_state, k_step = seeds.run_keys(config.seed)
@@ -298,9 +301,10 @@ def start_run(
     plan = plan_validation(config)  # the evaluation labels, read before any model work
     if jax.process_index() == 0:
         print(plan.message, flush=True)
-    backbone_params = model_lib.init_backbone(config.model, k_backbone)
+    # On the mesh, split over 'model' and in backbone_param_dtype; a converted backbone is
+    # restored straight into its shards.
+    backbone_params = partitioning.load_backbone(config.model, k_backbone, mesh)
     write_config(config, workdir)
-    backbone_params = sharding.replicate(backbone_params, mesh)
 
     state = sharding.replicate(init_state(spec, k_state), mesh)
     initial_params = jax.device_get(state.params)  # host copy: the step donates `state`

@@ -1,10 +1,12 @@
 """The train step as a library: train state, optimiser, the jitted data-parallel step.
 
-The step is one jitted program over a 1-D mesh ('data',): the global batch is sharded over
-every device of every host, everything else is replicated, and means are over the global
-batch, so results do not depend on the number of devices. The frozen backbone is a separate
-replicated argument: never optimised, never checkpointed. (`train.parallelism="pmap"` runs
-the same step under `jax.pmap`, see `make_pmap_train_step`.)
+The step is one jitted program over the mesh ('data', 'model') (runtime/sharding.py): the
+global batch is sharded over 'data', the frozen backbone's parameters over 'model' (as
+models/partitioning.py places them; the program takes the shardings of its arguments), the
+trainable state and hyperparameters are replicated, and means are over the global batch, so
+results do not depend on the mesh. The frozen backbone is a separate argument: never
+optimised, never checkpointed. (`train.parallelism="pmap"` runs the same step under
+`jax.pmap` with mesh.model=1, see `make_pmap_train_step`.)
 
 A program takes (state, backbone_params, batch, root_key, hp, num_side=S); `BoundStep` binds
 the run's constants (backbone, key, hyperparameters, the S schedule) so the loop calls
@@ -151,6 +153,11 @@ def make_pmap_train_step(spec, objective, mesh):
     """
     if jax.process_count() > 1:
         raise ValueError('train.parallelism="pmap" runs in single-process runs only; use "jit"')
+    if sharding.model_size(mesh) > 1:
+        raise ValueError(
+            'train.parallelism="pmap" replicates the backbone on every device: it runs with '
+            'mesh.model=1 only; use "jit" to split the backbone over the mesh'
+        )
     devices = list(mesh.devices.flat)
     n_dev = len(devices)
     axis = "batch"

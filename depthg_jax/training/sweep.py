@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 
 from depthg_jax import config as config_lib
-from depthg_jax.models import variants
 
 SAMPLING_FIELD = "loss.sampling"
 MEMBER_FIELDS = config_lib.MEMBER_FIELDS
@@ -231,48 +230,41 @@ def read_table(workdir: str) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
-def estimate_member_bytes(config: ml_collections.ConfigDict) -> int:
-    """Device bytes one extra member costs in the training step (an upper estimate).
+def _mesh_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(data, model) of the mesh a run of this config gets on this process's devices."""
+    import jax
 
-    Trainable params, gradients and Adam's two moments (4 copies, float32), plus the member's
-    activations kept for the backward pass: for anchor and positive, the head's inputs after
-    its two dropout masks and hidden layer (3 x C channels) and the code with its
-    intermediates (4 x K), at every feature-grid point of the batch, float32.
-    """
-    c = variants.embed_dim(config.model.variant)
-    k = config.model.dim
-    n = config.data.n_classes
-    head = c * k + k + c * c + c + c * k + k  # linear, nonlinear_1, nonlinear_2
-    probes = n * k + n * k + n
-    params = head + probes
-    grid = (config.data.train_res // variants.patch_size(config.model.variant)) ** 2
-    acts = 2 * config.train.batch_size * grid * (3 * c + 4 * k)
-    return 4 * (4 * params + acts)
+    from depthg_jax.runtime import sharding
+
+    model = sharding.model_axis(config)
+    return max(jax.device_count() // model, 1), model
+
+
+def estimate_member_bytes(config: ml_collections.ConfigDict) -> int:
+    """Device bytes one extra member costs in the training step (an upper estimate):
+    training/planning.py's `member_bytes` at this run's mesh."""
+    from depthg_jax.training import planning
+
+    return planning.member_bytes(config, _mesh_shape(config)[0])
 
 
 def estimate_shared_bytes(config: ml_collections.ConfigDict) -> int:
-    """Bytes the members share: the backbone's params and the forward's largest activations
-    (the features of anchors and positives and one block's attention), float32."""
-    spec = variants.get_variant(config.model.variant)
-    c = spec.dim
-    tokens = (config.data.train_res // spec.patch) ** 2 + 1 + spec.registers
-    b2 = 2 * config.train.batch_size
-    backbone = spec.depth * 12 * c * c
-    acts = b2 * tokens * 8 * c + b2 * spec.heads * tokens * tokens
-    return 4 * (backbone + acts)
+    """Bytes the members share on a device: the backbone's params as the mesh splits them, in
+    their dtype, and the forward's largest activations (training/planning.py)."""
+    from depthg_jax.training import planning
+
+    est = planning.estimate(config, *_mesh_shape(config))
+    return est.backbone_bytes + est.activation_bytes
 
 
 def memory_budget_bytes(config: ml_collections.ConfigDict) -> tuple[int, str]:
-    """(bytes, where it came from): sweep.memory_gb, else the device's limit, else host RAM."""
+    """(bytes, where it came from): sweep.memory_gb, else the device's limit, else host RAM
+    per local device (training/planning.py `device_budget`)."""
     if config.sweep.memory_gb:
         return int(config.sweep.memory_gb * 2**30), "config.sweep.memory_gb"
-    import jax
+    from depthg_jax.training import planning
 
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]), f"{jax.devices()[0].device_kind} memory"
-    pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * size), "host RAM"
+    return planning.device_budget()
 
 
 def check_memory(config: ml_collections.ConfigDict, num_members: int) -> dict:
@@ -288,7 +280,8 @@ def check_memory(config: ml_collections.ConfigDict, num_members: int) -> dict:
             f"a population of {num_members} members needs about {total / 2**30:.2f} GiB "
             f"({shared / 2**30:.2f} GiB shared + {num_members} x {member / 2**30:.3f} GiB per "
             f"member) but {source} allows {budget / 2**30:.2f} GiB: at most {fits} members fit "
-            f"(fewer members, a smaller train.batch_size, or raise config.sweep.memory_gb)"
+            f"(fewer members, a smaller train.batch_size, a larger config.mesh.model, or raise "
+            f"config.sweep.memory_gb)"
         )
     return {
         "members": num_members,
