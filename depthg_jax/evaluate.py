@@ -19,7 +19,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from depthg_jax import commands, inference
@@ -197,7 +197,6 @@ def evaluate_without_labels(seg: inference.Segmenter, source, out_dir: str, max_
 
 
 def main(argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.checkpoint:

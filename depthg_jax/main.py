@@ -6,7 +6,7 @@ config.sweep names a population of members. Override any config field with
 `--config.section.field=value`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from depthg_jax import commands
@@ -22,7 +22,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO.
     distributed.initialize()
     # After initialize(): importing these must not start backends.
     from depthg_jax.training import population, sweep, trainer

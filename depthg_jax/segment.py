@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from depthg_jax import commands, inference
 from depthg_jax.data import images as images_lib
@@ -362,7 +362,6 @@ def run(fv: flags.FlagValues = FLAGS) -> int:
 
 
 def main(argv) -> None:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO.
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     sys.exit(run())

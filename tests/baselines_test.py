@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from depthg_jax.data import palette
-from depthg_jax.evaluation import baselines
-from depthg_jax.training import summaries
+from depthg_jax.evaluation import baselines, reports
 
 
 def test_spherical_kmeans_recovers_separated_directions():
@@ -59,7 +58,7 @@ def test_evaluate_kmeans_scores_an_embedding_that_separates_classes():
 
 def test_grid_and_colours():
     tiles = [[np.full((4, 5, 3), v, np.uint8) for v in (0, 100)] for _ in range(3)]
-    grid = summaries.make_grid(tiles, pad=2)
+    grid = reports.make_grid(tiles, pad=2)
     assert grid.shape == (3 * 6 + 2, 2 * 7 + 2, 3)
     assert (grid[2:6, 2:7] == 0).all() and (grid[2:6, 9:14] == 100).all()
     colours = palette.default_palette(5)

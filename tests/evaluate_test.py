@@ -169,25 +169,10 @@ def test_check_params_names_the_mismatch(params):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, params):
-    """A tiny export on a generated synthetic split (6 classes, 32 px evaluation)."""
-    from configs import demo
-    from depthg_jax.data import synthetic
-    from depthg_jax.runtime import checkpoint
+    """A tiny export on a generated synthetic split (6 classes, 32 px evaluation, CRF on)."""
+    from support import synthetic_export
 
-    root = tmp_path_factory.mktemp("eval")
-    config = demo.get_config()
-    config.data.root = str(root / "data")
-    config.data.synthetic_train, config.data.synthetic_val = 1, 5
-    config.data.synthetic_size = 48
-    config.data.eval_res = 32
-    config.eval.batch_size = 8
-    config.eval.crf = True
-    synthetic.generate_dataset(
-        config.data.root, num_train=1, num_val=5, size=48, seed=config.data.synthetic_seed
-    )
-    assert config.data.n_classes == N_CLASSES
-    checkpoint.save_export(str(root / "export"), config, params)
-    return str(root / "export")
+    return synthetic_export(tmp_path_factory.mktemp("eval"), params, crf=True)
 
 
 def test_cli_run_writes_report(export_dir, tmp_path):

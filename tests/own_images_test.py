@@ -23,7 +23,7 @@ from depthg_jax.evaluation import evaluator, reports
 from depthg_jax.method import losses
 from depthg_jax.models import model as model_lib
 from depthg_jax.runtime.metric_writer import MetricWriter
-from depthg_jax.training import loop
+from depthg_jax.training import loop, summaries
 
 N = 6  # clusters asked for (the synthetic scenes have 6 classes, which the labelled case uses)
 
@@ -292,7 +292,8 @@ def test_unlabelled_photos_five_crop_knn_train_export_segment_evaluate(tmp_path)
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params["head"], initial["head"])
     assert any(jax.tree.leaves(changed))  # the head trained; the linear probe kept its init
     grid = Image.open(work / "images" / "step_000004.png")
-    assert grid.size[0] == 3 * 64 + 4 * 2  # image | depth | clusters: no label column
+    tile = 64 * -(-summaries.MIN_TILE // 64)  # small tiles are enlarged so titles fit
+    assert grid.size[0] == 3 * tile + 4 * 2  # image | depth | clusters: no label column
 
     val = photos / "images" / "val"
     segmented = run_cli("depthg_jax.segment", [f"--checkpoint={work / 'export'}",

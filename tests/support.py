@@ -122,6 +122,26 @@ def run_steps(config, devices, batches, num_side):
     return jax.device_get(state.params), losses, program
 
 
+def synthetic_export(root, params, *, crf: bool = False) -> str:
+    """`root/export`: params saved with the demo config on a generated 5-image synthetic
+    validation split under `root/data` (48 px scenes, 32 px evaluation, batch 8)."""
+    from depthg_jax.data import synthetic
+    from depthg_jax.runtime import checkpoint
+
+    config = config_lib.sibling_config(str(REPO_CONFIGS / "demo.py"), "demo")
+    config.data.root = str(Path(root) / "data")
+    config.data.synthetic_train, config.data.synthetic_val = 1, 5
+    config.data.synthetic_size = 48
+    config.data.eval_res = 32
+    config.eval.batch_size = 8
+    config.eval.crf = crf
+    synthetic.generate_dataset(
+        config.data.root, num_train=1, num_val=5, size=48, seed=config.data.synthetic_seed
+    )
+    checkpoint.save_export(str(Path(root) / "export"), config, params)
+    return str(Path(root) / "export")
+
+
 def numpy_fps(points: np.ndarray, n: int, start: int = 0) -> np.ndarray:
     """docs/method.md as a plain loop: running min squared distance, first index on ties."""
     nearest = np.full(len(points), np.inf, points.dtype)

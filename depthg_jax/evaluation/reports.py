@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from depthg_jax.evaluation import pictures
 from depthg_jax.runtime import files
 
 PROBES = ("cluster", "linear")
@@ -85,34 +86,76 @@ def to_json(results: dict, class_names: list[str]) -> dict:
     return out
 
 
-def render_confusion(histogram: np.ndarray, class_names: list[str], cell: int = 28) -> np.ndarray:
-    """The matched confusion as an RGB picture: rows true class, columns predicted class, each
-    row normalised by its true-class pixel count, white (0) to dark blue (1); names on the left
-    and (rotated) on top."""
-    from PIL import Image, ImageDraw, ImageFont
+CONFUSION_TITLES = {
+    "cluster": "cluster probe (clusters matched to classes)",
+    "cluster_crf": "cluster probe + CRF (clusters matched to classes)",
+    "linear": "linear probe",
+}
 
-    counts = np.asarray(histogram, np.float64).T  # rows: true class
-    counts = counts[: len(class_names), : len(class_names)]
-    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    white, blue = np.array([247, 251, 255.0]), np.array([8, 48, 107.0])
-    colours = (white + frac[..., None] * (blue - white)).astype(np.uint8)
-    grid = colours.repeat(cell, 0).repeat(cell, 1)
-    font = ImageFont.load_default()
-    margin = 8 + 7 * max(len(n) for n in class_names)
+
+def render_confusion(
+    histogram: np.ndarray, class_names: list[str], cell: int = 28, title: str | None = None
+) -> np.ndarray:
+    """The matched confusion as an RGB picture: rows true class, columns predicted class, each
+    row normalised by its true-class pixel count (white 0% to dark blue 100%, the share in each
+    cell), class names on both axes with the axis titles, and the colour scale at the right."""
+    from PIL import Image, ImageDraw
+
     n = len(class_names)
-    size = margin + n * cell + 4
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(Image.fromarray(grid), (margin, margin))
+    counts = np.asarray(histogram, np.float64).T[:n, :n]  # rows: true class
+    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    grid = pictures.apply_colour_map(frac, pictures.BLUES).repeat(cell, 0).repeat(cell, 1)
+    name_size, axis_size = 11, 12
+    name_w = max(pictures.text_size(name, name_size)[0] for name in class_names) + 8
+    axis_h = pictures.text_size("Ag", axis_size)[1] + 8
+    title_h = axis_h + 4 if title else 0
+    bar_w, bar_gap, tick_w = 12, 14, pictures.text_size("100%", 10)[0] + 6
+    left = axis_h + name_w
+    top = title_h + axis_h + name_w
+    side = n * cell
+    width = left + side + bar_gap + bar_w + tick_w + axis_h + 6
+    canvas = Image.new("RGB", (max(width, 8 + pictures.text_size(title or "")[0]), top + side + 8),
+                       pictures.BACKGROUND)  # fmt: skip
+    canvas.paste(Image.fromarray(grid), (left, top))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        pictures.draw_text(draw, (4, 4), title, axis_size + 1)
+    # Axis titles: "predicted class" above the column names, "true class" left of the rows.
+    pictures.draw_text(draw, (left + side // 2, title_h + 2), "predicted class", axis_size,
+                       anchor="ma")  # fmt: skip
+    label = pictures.rotated_text("true class", axis_size)
+    canvas.paste(label, (2, top + max(0, (side - label.height) // 2)))
     for i, name in enumerate(class_names):
-        draw.text((4, margin + i * cell + 3), name, fill=(0, 0, 0), font=font)
-        label = Image.new("RGB", (margin, cell), (255, 255, 255))
-        ImageDraw.Draw(label).text((4, 3), name, fill=(0, 0, 0), font=font)
-        canvas.paste(label.rotate(90, expand=True), (margin + i * cell, 0))
+        pictures.draw_text(draw, (left - 4, top + i * cell + cell // 2), name, name_size,
+                           anchor="rm")  # fmt: skip
+        rotated = pictures.rotated_text(name, name_size)
+        x = left + i * cell + (cell - rotated.width) // 2
+        canvas.paste(rotated, (x, top - 4 - rotated.height))
+    if cell >= 22:  # the share in each cell, in %
+        for r in range(n):
+            for c in range(n):
+                value = 100 * frac[r, c]
+                if value < 0.5:
+                    continue
+                fill = (255, 255, 255) if frac[r, c] > 0.5 else (30, 30, 30)
+                xy = (left + c * cell + cell // 2, top + r * cell + cell // 2)
+                pictures.draw_text(draw, xy, f"{value:.0f}", 9, fill=fill, anchor="mm")
     for i in range(n + 1):  # cell borders
-        p = margin + i * cell
-        draw.line([(p, margin), (p, margin + n * cell)], fill=(128, 128, 128))
-        draw.line([(margin, p), (margin + n * cell, p)], fill=(128, 128, 128))
+        p = i * cell
+        draw.line([(left + p, top), (left + p, top + side)], fill=(160, 160, 160))
+        draw.line([(left, top + p), (left + side, top + p)], fill=(160, 160, 160))
+    # The colour scale: 0% at the bottom, 100% at the top, named at its right.
+    bar_x = left + side + bar_gap
+    bar = pictures.colour_bar(side, bar_w, pictures.BLUES, vertical=True)
+    canvas.paste(Image.fromarray(bar), (bar_x, top))
+    draw.rectangle([bar_x, top, bar_x + bar_w - 1, top + side - 1], outline=(120, 120, 120))
+    for frac_tick, text in ((1.0, "100%"), (0.5, "50%"), (0.0, "0%")):
+        y = top + round((1 - frac_tick) * (side - 1))
+        draw.line([(bar_x + bar_w, y), (bar_x + bar_w + 3, y)], fill=(60, 60, 60))
+        pictures.draw_text(draw, (bar_x + bar_w + 5, y), text, 10, anchor="lm")
+    scale = pictures.rotated_text("share of the true class's pixels", 10)
+    if scale.height <= side:
+        canvas.paste(scale, (bar_x + bar_w + tick_w, top + (side - scale.height) // 2))
     return np.asarray(canvas)
 
 
@@ -129,7 +172,10 @@ def write_report(results: dict, class_names: list[str], out_dir: str) -> dict:
     for key in ("cluster_crf", "cluster", "linear"):
         if key in results:
             path = os.path.join(out_dir, f"confusion_{key}.png")
-            files.save_image_atomic(path, render_confusion(results[key]["histogram"], class_names))
+            picture = render_confusion(
+                results[key]["histogram"], class_names, title=CONFUSION_TITLES[key]
+            )
+            files.save_image_atomic(path, picture)
             paths[f"confusion_{key}"] = path
     return paths
 

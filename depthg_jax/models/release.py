@@ -88,6 +88,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# Names only a bare ViT backbone's state dict has at its top level (DINO / timm / DINOv2 hub).
+BACKBONE_KEYS = frozenset({"cls_token", "pos_embed", "patch_embed.proj.weight"})
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A Lightning checkpoint as a dict of numpy arrays and plain data (restricted unpickler)."""
     path = Path(path)
@@ -95,7 +99,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     ckpt = pth.load_pth(path, lightning=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        if isinstance(ckpt, dict) and BACKBONE_KEYS & set(map(str, ckpt)):
+            raise ReleaseError(
+                f"{path} holds backbone weights ({len(ckpt)} tensors such as "
+                f"{sorted(BACKBONE_KEYS & set(map(str, ckpt)))[0]!r}), not a trained DepthG/STEGO "
+                f"model: convert it with `python -m depthg_jax.models.convert --variant=VARIANT "
+                f"--weights={path} --out=DIR` (VARIANT: S/8, B/8, ... as the file's) and pass "
+                "DIR as --config.model.weights"
+            )
         keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        if isinstance(keys, list) and len(keys) > 8:
+            keys = keys[:8] + [f"... {len(keys) - 8} more"]
         raise ReleaseError(
             f"{path}: not a Lightning checkpoint (no 'state_dict' entry; found {keys})"
         )

@@ -431,15 +431,19 @@ def run_loop(run: Run, step_fn, writer: MetricWriter, reporting: Reporting) -> d
                         writer.write_histogram(done, name, counts)
                     progress.write(reporting.format_val(done, last_val))
                 pictures = reporting.picture_grids and config.train.image_every
-                if pictures and done % config.train.image_every == 0:
-                    summaries.write_image_summary(
-                        run.workdir,
+                image_step = bool(pictures and done % config.train.image_every == 0)
+                grid = None
+                if image_step or (validating and reporting.picture_grids):
+                    grid = summaries.write_image_summary(
+                        run.workdir if image_step else None,  # else for TensorBoard only
                         done,
                         model_lib.full_params(run.backbone_params, state.params),
                         config,
                         run.validate.loader(1),
                         last_val,
                     )
+                if validating:
+                    summaries.log_validation(writer, done, last_val, config, grid)
                 # Every validated step is saved, so the best checkpoint is one the release
                 # would have kept (docs/release.md#checkpoint-choice). Label-free scalars
                 # pick nothing.

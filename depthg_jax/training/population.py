@@ -12,7 +12,7 @@ trains exactly as a single run with member i's settings, and comparisons are pai
 Validation scores every member on the same evaluation batches with one backbone forward per
 batch (the heads and probes then run member by member). `train_and_evaluate` is the sweep
 trainer: one Orbax checkpoint holds the whole population, SIGTERM saves and exits as in a
-single run, and the outputs are the final table, sweep.json, TensorBoard scalars per member,
+single run, and the outputs are the final table, sweep.json, a TensorBoard run per member,
 the best member's export and a picture of the metric per member against each swept value.
 """
 
@@ -31,7 +31,7 @@ from depthg_jax.evaluation import evaluator, reports
 from depthg_jax.method import objective as objective_lib
 from depthg_jax.runtime import checkpoint, distributed, files, sharding
 from depthg_jax.runtime.metric_writer import MetricWriter
-from depthg_jax.training import exports, loop, sweep
+from depthg_jax.training import exports, loop, summaries, sweep
 from depthg_jax.training import step as step_lib
 from depthg_jax.training import workdir as workdir_lib
 
@@ -144,13 +144,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sharding.replicate(member_hparams(table), run.mesh),
         objective,
     )
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, members=names)
+    summaries.log_run_start(writer, config, int(jax.device_get(run.state.step)), members=table)
     outcome = loop.run_loop(run, step_fn, writer, _reporting(config, names))
     if "preempted_at" in outcome:
         writer.close()
         return {"preempted_at": outcome["preempted_at"]}
     state, final = loop.finish_training(run, outcome)
     final_step = int(jax.device_get(state.step))
+    if outcome["last_val_step"] != final_step:  # a validation the loop did not log
+        summaries.log_validation(writer, final_step, final, config)
     rows = member_rows(table, final, config.train.best_metric)
     best = max(range(len(rows)), key=lambda i: (rows[i][config.train.best_metric], -i))
     selection = {

@@ -49,6 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"{workdir} already finished: {loop.RESULTS_FILE} kept", flush=True)
         return run.finished
     writer = MetricWriter(workdir)
+    start_step = int(jax.device_get(run.state.step))
+    summaries.log_run_start(writer, config, start_step, labelled=run.plan.labelled)
     program = step_lib.make_train_step(config.train.parallelism, run.spec, objective, run.mesh)
     step_fn = step_lib.BoundStep(
         program, run.backbone_params, run.k_step, sharding.replicate(hp, run.mesh), objective
@@ -79,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(reports.format_baselines(results), flush=True)
     elif config.train.report_baselines:
         print("train.report_baselines: skipped, the baselines are scored on labels", flush=True)
-    summaries.write_image_summary(
+    grid = summaries.write_image_summary(
         workdir,
         final_step,
         model_lib.full_params(run.backbone_params, state.params),
@@ -87,6 +89,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.validate.loader(1),
         final,
     )
+    if outcome["last_val_step"] != final_step:  # a validation the loop did not log
+        summaries.log_validation(writer, final_step, final, config, grid)
     writer.write(final_step, results["trained"])
     if outcome["last_val_step"] != final_step:
         for name, counts in reporting.val_histograms(final).items():
