@@ -65,9 +65,11 @@ def run_module(module, args, timeout=120, cap=False):
     prelude = "import sys, runpy, resource, atexit\n"
     if cap:
         prelude += f"resource.setrlimit(resource.RLIMIT_AS, ({CAP_BYTES}, {CAP_BYTES}))\n"
+    # VmHWM is this process's own peak: ru_maxrss would include the forking parent's RSS,
+    # which Linux carries across fork + exec.
     prelude += (
-        "atexit.register(lambda: sys.stderr.write('\\nmaxrss_kb %d\\n' % "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "atexit.register(lambda: sys.stderr.write('\\nmaxrss_kb %s\\n' % [l.split()[1] for l "
+        "in open('/proc/self/status') if l.startswith('VmHWM:')][0]))\n"
         f"sys.argv = [{module!r}, *{[str(a) for a in args]!r}]\n"
         f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
     )
