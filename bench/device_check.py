@@ -123,9 +123,7 @@ class SingleStep:
         self.peak = peak_bytes(self.compiled)
 
     def __call__(self):
-        self.state, out = self.compiled(
-            self.state, self.backbone, self.batch, self.k_step, self.hp
-        )
+        self.state, out = self.compiled(self.state, self.backbone, self.batch, self.k_step, self.hp)
         self.jax.block_until_ready((self.state, out))
         return out
 
@@ -205,9 +203,7 @@ def eval_rate(config, runner, eval_res, steps):
         mesh,
     )
     spec = model_lib.ModelSpec.from_config(config)
-    step = evaluator.Evaluator(
-        evaluator.head_predictor(spec, flip=True), spec.n_classes, mesh
-    ).step
+    step = evaluator.Evaluator(evaluator.head_predictor(spec, flip=True), spec.n_classes, mesh).step
     params = sharding.replicate(
         model_lib.full_params(jax.device_get(runner.backbone), jax.device_get(runner.state.params)),
         mesh,

@@ -98,19 +98,61 @@ def main() -> None:
     cfg = [f"--config={REPO / 'configs' / 'custom.py'}:mu/8"]
     data = ["--config.data.root=crops", "--config.data.eval_root=photos"]
     times = {
-        "depth": run("depth", [py, "-m", "depthg_jax.data.depth", "--images=photos/images",
-                               "--out=photos/depth", "--model=tiny_depth_anything",
-                               "--device=cpu"], work),  # fmt: skip
-        "five_crop": run("five-crop", [py, "-m", "depthg_jax.data.five_crop",
-                                       "--dataset=directory", "--root=photos", "--split=train",
-                                       "--out=crops"], work),  # fmt: skip
+        "depth": run(
+            "depth",
+            [
+                py,
+                "-m",
+                "depthg_jax.data.depth",
+                "--images=photos/images",
+                "--out=photos/depth",
+                "--model=tiny_depth_anything",
+                "--device=cpu",
+            ],
+            work,
+        ),  # fmt: skip
+        "five_crop": run(
+            "five-crop",
+            [
+                py,
+                "-m",
+                "depthg_jax.data.five_crop",
+                "--dataset=directory",
+                "--root=photos",
+                "--split=train",
+                "--out=crops",
+            ],
+            work,
+        ),  # fmt: skip
         "knn": run("KNN", [py, "-m", "depthg_jax.data.knn", *cfg, *data], work),
-        "train": run("train", [py, "-m", "depthg_jax.main", *cfg, *data, "--workdir=run",
-                               f"--config.train.num_steps={args.steps}"], work),  # fmt: skip
-        "segment": run("segment", [py, "-m", "depthg_jax.segment", "--checkpoint=run/export",
-                                   "--images=photos/images/val", "--out=masks"], work),  # fmt: skip
-        "evaluate": run("evaluate", [py, "-m", "depthg_jax.evaluate",
-                                     "--checkpoint=run/export"], work),  # fmt: skip
+        "train": run(
+            "train",
+            [
+                py,
+                "-m",
+                "depthg_jax.main",
+                *cfg,
+                *data,
+                "--workdir=run",
+                f"--config.train.num_steps={args.steps}",
+            ],
+            work,
+        ),  # fmt: skip
+        "segment": run(
+            "segment",
+            [
+                py,
+                "-m",
+                "depthg_jax.segment",
+                "--checkpoint=run/export",
+                "--images=photos/images/val",
+                "--out=masks",
+            ],
+            work,
+        ),  # fmt: skip
+        "evaluate": run(
+            "evaluate", [py, "-m", "depthg_jax.evaluate", "--checkpoint=run/export"], work
+        ),  # fmt: skip
     }
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
 

@@ -64,7 +64,9 @@ def peak_bytes(compiled) -> int | None:
     if m is None:
         return None
     return int(
-        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
         - m.alias_size_in_bytes
     )
 

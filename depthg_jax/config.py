@@ -111,7 +111,8 @@ FIELDS: dict[str, Field] = {
     ),
     # --- Backbone and head
     "model.variant": Field(
-        "S/8", 'Backbone variant: "S/8", "B/8", "v2-B/14", "v3-S/16", ..., "mu/8" (tests).',
+        "S/8",
+        'Backbone variant: "S/8", "B/8", "v2-B/14", "v3-S/16", ..., "mu/8" (tests).',
         choices=_variants,
     ),
     "model.weights": Field(
@@ -125,7 +126,7 @@ FIELDS: dict[str, Field] = {
     ),
     "model.backbone_param_dtype": Field(
         "float32",
-        'Dtype the frozen backbone\'s parameters are held in on the devices, cast once at load: '
+        "Dtype the frozen backbone's parameters are held in on the devices, cast once at load: "
         '"float32" (the reference) or "bfloat16" (half the memory; docs/pods.md#parameter-dtype).',
         choices=PARAM_DTYPES,
     ),
@@ -145,8 +146,11 @@ FIELDS: dict[str, Field] = {
     ),
     "model.dim": Field(70, "Code dimension K.", low=1, high=65536),
     "model.dropout": Field(
-        0.1, "Channel dropout (Dropout2d) rate of the head's three masks.",
-        low=0.0, high=1.0, high_open=True,
+        0.1,
+        "Channel dropout (Dropout2d) rate of the head's three masks.",
+        low=0.0,
+        high=1.0,
+        high_open=True,
     ),  # fmt: skip
     # --- Data
     "data.name": Field(
@@ -164,10 +168,12 @@ FIELDS: dict[str, Field] = {
         27,
         "Ground-truth classes, and the clusters K of the cluster probe (for unlabelled data: "
         "the number of clusters you ask for).",
-        low=1, high=255,
+        low=1,
+        high=255,
     ),  # fmt: skip
     "data.eval_name": Field(
-        "", 'Evaluation data when it differs from the training data ("" = data.name).',
+        "",
+        'Evaluation data when it differs from the training data ("" = data.name).',
         choices=lambda: ("",) + _dataset_names(),
     ),  # fmt: skip
     "data.eval_root": Field("", 'Root of the evaluation data ("" = data.root).'),
@@ -178,8 +184,10 @@ FIELDS: dict[str, Field] = {
     ),
     "data.eval_res": Field(320, "Evaluation crop size.", low=1, high=4096),
     "data.num_neighbors": Field(
-        7, "Positive drawn uniformly from KNN ranks 1..num_neighbors (tables hold 30).",
-        low=1, high=29,
+        7,
+        "Positive drawn uniformly from KNN ranks 1..num_neighbors (tables hold 30).",
+        low=1,
+        high=29,
     ),  # fmt: skip
     "data.knn_path": Field(
         "",
@@ -187,14 +195,17 @@ FIELDS: dict[str, Field] = {
         "by `python -m depthg_jax.data.knn --config=...`.",
     ),
     "data.knn_variant": Field(
-        "", 'Backbone whose features define neighbours ("" = model.variant).',
+        "",
+        'Backbone whose features define neighbours ("" = model.variant).',
         choices=lambda: ("",) + _variants(),
     ),  # fmt: skip
     "data.knn_dropout": Field(
         0.0,
         "Dropout2d rate on the KNN features (the release's KNN script left the featuriser in "
         "train mode: 0.1 reproduces it, seeded by config.seed; docs/release.md#knn-features).",
-        low=0.0, high=1.0, high_open=True,
+        low=0.0,
+        high=1.0,
+        high_open=True,
     ),  # fmt: skip
     "data.worker_count": _resumable(0, "grain worker processes per host (0: in-process).", low=0),
     "data.read_threads": _resumable(
@@ -207,7 +218,9 @@ FIELDS: dict[str, Field] = {
     "data.synthetic_seed": Field(0, "Seed of the generated scenes.", low=0),
     # --- Objective (docs/method.md)
     "loss.sampling": Field(
-        "fps", '"fps" (depth-guided) or "random" coordinates.', choices=SAMPLINGS,
+        "fps",
+        '"fps" (depth-guided) or "random" coordinates.',
+        choices=SAMPLINGS,
         per_member=True,
     ),  # fmt: skip
     "loss.feature_samples": Field(11, "S: S x S points sampled per image.", low=1),
@@ -229,8 +242,13 @@ FIELDS: dict[str, Field] = {
         low=0,
     ),
     "loss.depth_decay_rate": Field(
-        0.6, "Factor of each depth decay.", low=0.0, high=1.0, low_open=True,
-        per_member=True, hparam="depth_decay_rate",
+        0.6,
+        "Factor of each depth decay.",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        per_member=True,
+        hparam="depth_decay_rate",
     ),  # fmt: skip
     "loss.samples_decay_every": Field(1000, "Batches between S decays (0: never).", low=0),
     "loss.samples_decay_rate": Field(
@@ -238,18 +256,32 @@ FIELDS: dict[str, Field] = {
     ),
     "loss.depth_positive": Field(False, "corrected only: add the positive's depth term too."),
     "loss.fov": Field(
-        90.0, "Pinhole field of view (degrees) used to lift depth to 3D.",
-        low=0.0, high=180.0, low_open=True, high_open=True,
+        90.0,
+        "Pinhole field of view (degrees) used to lift depth to 3D.",
+        low=0.0,
+        high=180.0,
+        low_open=True,
+        high_open=True,
     ),  # fmt: skip
     "loss.far": Field(5.0, "Depth scale of the lifted Z coordinate.", low=0.0, low_open=True),
     # --- Optimisation
     "optim.lr": Field(
-        5e-4, "Head learning rate (Adam, PyTorch defaults).", low=0.0, low_open=True, high=1.0,
-        per_member=True, hparam="lr",
+        5e-4,
+        "Head learning rate (Adam, PyTorch defaults).",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        per_member=True,
+        hparam="lr",
     ),  # fmt: skip
     "optim.probe_lr": Field(
-        5e-3, "Each probe's learning rate.", low=0.0, low_open=True, high=1.0,
-        per_member=True, hparam="probe_lr",
+        5e-3,
+        "Each probe's learning rate.",
+        low=0.0,
+        low_open=True,
+        high=1.0,
+        per_member=True,
+        hparam="probe_lr",
     ),  # fmt: skip
     # --- Training loop
     "train.batch_size": Field(32, "Global batch (all devices of all hosts).", low=1),
@@ -328,7 +360,8 @@ FIELDS: dict[str, Field] = {
         'Explicit members, "|"-separated, each "field=value,..." (optionally "name=stego,...").',
     ),
     "sweep.memory_gb": Field(
-        0.0, "Memory the population may use, GiB (0: the device's limit; host RAM on CPU).",
+        0.0,
+        "Memory the population may use, GiB (0: the device's limit; host RAM on CPU).",
         low=0.0,
     ),  # fmt: skip
 }
@@ -445,9 +478,7 @@ def check_field(name: str, value: Any, field: Field | None = None) -> None:
         if value not in choices:
             raise ValueError(f"{where}; expected one of {tuple(choices)}")
     low_ok = field.low is None or (value > field.low if field.low_open else value >= field.low)
-    high_ok = field.high is None or (
-        value < field.high if field.high_open else value <= field.high
-    )
+    high_ok = field.high is None or (value < field.high if field.high_open else value <= field.high)
     if not (low_ok and high_ok):
         lo = "" if field.low is None else ("(" if field.low_open else "[") + f"{field.low:g}"
         hi = "" if field.high is None else f"{field.high:g}" + (")" if field.high_open else "]")

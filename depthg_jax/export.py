@@ -74,7 +74,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
         "(--noflip: one pass).", flag_values=fv,
     )  # fmt: skip
     flags.DEFINE_string(
-        "verify", None, "Only check this export, portable artifact or checkpoint step directory.",
+        "verify",
+        None,
+        "Only check this export, portable artifact or checkpoint step directory.",
         flag_values=fv,
     )
 
@@ -126,8 +128,7 @@ def _portable_line(source: str, out: str, sidecar: dict) -> str:
     res, flip = sidecar["resolution"], " with flip" if sidecar["flip"] else ""
     platforms = ", ".join(sidecar["platforms"])
     return (
-        f"Wrote the portable artifact of {source} to {out}: {res} x {res} px{flip}, "
-        f"for {platforms}"
+        f"Wrote the portable artifact of {source} to {out}: {res} x {res} px{flip}, for {platforms}"
     )
 
 

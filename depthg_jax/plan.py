@@ -253,8 +253,6 @@ def abstract_step_inputs(config, mesh, table: list | None = None):
     return program, (state, backbone, batch, key, hp), {"num_side": num_side}
 
 
-
-
 def compile_step(config, mesh, table: list | None = None):
     """Lowers and compiles the configured step for abstract inputs on `mesh` (no allocation);
     XLA's analyses of it (planning.Compiled)."""

@@ -33,7 +33,6 @@ def test_no_checkpoint_restores_none(tmp_path):
 def test_export_round_trip_and_refusals(tmp_path):
     import jax
 
-
     config = demo.get_config()
     params = model_lib.init_params(model_lib.ModelSpec.from_config(config), jax.random.key(0))
     checkpoint.save_export(str(tmp_path / "exp"), config, params)

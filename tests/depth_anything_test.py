@@ -204,6 +204,7 @@ def test_tiny_model_matches_transformers(hw, official):
     assert positive > 0.5 and err < TOLERANCE, err
 
 
+@pytest.mark.slow
 def test_small_shape_matches_transformers_from_official_names():
     """Depth Anything V2 Small's shape (v2-S/14, layers 3/6/9/12 by default for width 384,
     neck 48/96/192/384, fusion 64) at a small input, official names; the full 518x686 input is

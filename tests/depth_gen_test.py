@@ -571,6 +571,7 @@ def png_stats(a: Path, b: Path, rels) -> tuple[int, float]:
     return worst, same / total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flip", [False, True])
 def test_jax_maps_equal_the_pytorch_maps(tiny_model_dir, tmp_path, capsys, flip):
     rels = write_directory_dataset(tmp_path)
@@ -593,6 +594,7 @@ def test_auto_backend_is_jax_for_depth_anything_and_torch_for_others(
     assert depth_cmd.choose_backend(tiny_zoedepth_dir, "jax") == "jax"
 
 
+@pytest.mark.slow
 def test_flip_tta_changes_the_jax_map(tiny_model_dir, tmp_path):
     rels = write_directory_dataset(tmp_path)
     jm = depth_cmd.load_jax_model(str(tiny_model_dir))

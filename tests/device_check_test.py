@@ -3,12 +3,15 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import device_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_device_check_smoke_runs_every_section_and_writes_markdown(tmp_path):
     out = tmp_path / "check.md"
     lines = device_check.main(["--smoke", f"--out={out}", "--budget_s=1e6"])

@@ -145,6 +145,7 @@ def all_sources_params(model, variant, tmp_path):
     return from_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v2-S/14", "v2reg-S/14"])
 def test_matches_transformers_at_real_width(variant, tmp_path):
     """Full-depth ViT-S/14 (with and without registers) at 224 (pos-embed resized from 37 to
@@ -235,6 +236,7 @@ def test_resize_pos_embed_matches_torch(g0, grid):
             np.testing.assert_allclose(ours[0, 1:], ref, atol=1e-5, rtol=0, err_msg=str(kwargs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v2-S/14", "v2reg-S/14"])
 def test_bf16_forward_error(variant):
     model = hf_model(variant)
@@ -253,7 +255,10 @@ def test_bf16_forward_error(variant):
 V2_VARIANTS = sorted(v for v in VARIANTS if get_variant(v).family == "v2" and "-g/" not in v)
 
 
-@pytest.mark.parametrize("variant", V2_VARIANTS)
+@pytest.mark.parametrize(
+    "variant",  # the large widths take seconds each to initialise: slow
+    [pytest.param(v, marks=pytest.mark.slow) if "L/" in v else v for v in V2_VARIANTS],
+)
 def test_init_params_mirror_checkpoint_shapes(variant):
     p = patch_size(variant)
     x = jax.ShapeDtypeStruct((1, 2 * p, 3 * p, 3), jnp.float32)

@@ -132,6 +132,7 @@ def all_sources_params(model, variant, tmp_path):
     return from_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v3-S/16", "v3-S+/16"])
 def test_matches_transformers_at_real_width(variant, tmp_path):
     """Full-depth ViT-S/16 and S+/16 (SwiGLU) at 224 and at 320 or a non-square 224 x 320."""
@@ -171,6 +172,7 @@ def test_rope_periods_match_transformers():
     np.testing.assert_allclose(1 / rope_periods(16), model.rope_embeddings.inv_freq.numpy())
 
 
+@pytest.mark.slow
 def test_bf16_forward_error():
     model = hf_model("v3-S/16")
     params = convert_state_dict(normalise_state_dict(numpy_state(model)), "v3-S/16")
@@ -191,7 +193,10 @@ V3_VARIANTS = sorted(
 )
 
 
-@pytest.mark.parametrize("variant", V3_VARIANTS)
+@pytest.mark.parametrize(
+    "variant",  # the large widths take seconds each to initialise: slow
+    [pytest.param(v, marks=pytest.mark.slow) if "L/" in v else v for v in V3_VARIANTS],
+)
 def test_init_params_mirror_checkpoint_shapes(variant):
     p = patch_size(variant)
     x = jax.ShapeDtypeStruct((1, 2 * p, 3 * p, 3), jnp.float32)

@@ -106,9 +106,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(copy, 
         integrity.verify_manifest(str(step4))
     manager, abstract = manager_and_abstract(copy)
     with pytest.warns(UserWarning, match=f"skipping checkpoint {step4}"):
-        state, data_state, step = checkpoint.restore_train_state(
-            manager, abstract, set_aside=True
-        )
+        state, data_state, step = checkpoint.restore_train_state(manager, abstract, set_aside=True)
     assert step == 3 and int(state.step) == 3 and data_state
     # Moved aside (nothing deleted) so step 4 can be saved again on resume.
     assert not step4.exists() and (copy / "checkpoints_damaged" / "4").is_dir()
@@ -182,9 +180,7 @@ def test_checkpoint_step_directory_verifies_by_hand(copy):
         ("loss.neg_samples", 3),
     ],
 )
-def test_resume_with_a_run_changing_field_is_refused_before_anything_is_written(
-    copy, field, value
-):
+def test_resume_with_a_run_changing_field_is_refused_before_anything_is_written(copy, field, value):
     before = {p: p.read_bytes() for p in copy.glob("*.json*")}
     config = tiny_config(**{"train.checkpoint_every": 1, "train.log_every": 1, field: value})
     old = saved_config(copy)
@@ -216,9 +212,7 @@ def test_logs_without_checkpoints_refuse_unless_restart_then_nothing_is_deleted(
         workdir.guard_resume(config, str(copy))
     metrics_before = (copy / "metrics.jsonl").read_text()
     restart = tiny_config(**{"train.restart": True})
-    assert workdir.guard_resume(config_lib.resolve(restart, str(copy)), str(copy)) == (
-        "restart"
-    )
+    assert workdir.guard_resume(config_lib.resolve(restart, str(copy)), str(copy)) == ("restart")
     (previous,) = copy.glob("previous-*")
     assert (previous / "metrics.jsonl").read_text() == metrics_before
     assert (previous / "export" / "MANIFEST.json").is_file()
@@ -367,9 +361,7 @@ def test_nan_depth_files_are_rejected_by_name(tmp_path):
 
 
 def test_nan_weights_are_rejected_by_name_at_conversion_and_load(tmp_path):
-    params = model_lib.init_backbone(
-        tiny_config().model, jax.random.key(0)
-    )
+    params = model_lib.init_backbone(tiny_config().model, jax.random.key(0))
     params = jax.tree.map(np.array, jax.device_get(params))
     leaf_path, leaf = jax.tree_util.tree_flatten_with_path(params)[0][0]
     leaf.reshape(-1)[0] = np.nan

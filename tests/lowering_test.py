@@ -82,7 +82,7 @@ class _JitSites(ast.NodeVisitor):
 
 
 def jit_sites(package: Path = PACKAGE) -> collections.Counter[str]:
-    """"module:qualified name" of each function holding (or decorated by) a jit, counted."""
+    """ "module:qualified name" of each function holding (or decorated by) a jit, counted."""
     sites: collections.Counter[str] = collections.Counter()
     for path in sorted(package.rglob("*.py")):
         module = ".".join(path.relative_to(package.parent).with_suffix("").parts)
@@ -230,6 +230,7 @@ def test_every_program_lowers_for_tpu_cuda_and_cpu_at_real_shapes(shapes, settin
     for platform in programs.PLATFORMS:
         exported = programs.lower(lowerable, platform)
         assert exported.platforms == (platform,)
-        assert all(
-            isinstance(d, int) for a in exported.out_avals for d in a.shape
-        ) or name == "portable_inference", f"{name}: an output shape is symbolic by accident"
+        assert (
+            all(isinstance(d, int) for a in exported.out_avals for d in a.shape)
+            or name == "portable_inference"
+        ), f"{name}: an output shape is symbolic by accident"

@@ -56,9 +56,7 @@ def restore_population(workdir, config, step=None):
     state = step_lib.create_population_state(
         spec, objective_lib.hparams(config), jax.random.key(0), 4
     )
-    manager = checkpoint.make_manager(
-        os.path.join(workdir, "checkpoints"), keep=3, save_every=2
-    )
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), keep=3, save_every=2)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     restored, _, at = checkpoint.restore_train_state(manager, abstract, step)
     return jax.device_get(restored), at
@@ -94,7 +92,9 @@ def test_sweep_trains_reports_exports_and_resumes_after_sigkill(tmp_path):
     resolved = config_lib.resolve(sweep_config(), full)
     spec = model_lib.ModelSpec.from_config(cfg)
     validator = loop.Validator(
-        resolved, params["backbone"], sharding.make_mesh(),
+        resolved,
+        params["backbone"],
+        sharding.make_mesh(),
         evaluator.head_predictor(spec, flip=False),
     )
     alone = evaluator.evaluate_loader(

@@ -18,6 +18,7 @@ from depthg_jax.training import step as step_lib
 
 
 @pytest.mark.parametrize("sampling", ["fps", "random"])
+@pytest.mark.slow
 def test_step_is_device_count_independent(sampling):
     config = tiny_config(**{"loss.sampling": sampling})
     batches = [random_batch(config, s) for s in range(2)]
@@ -29,6 +30,7 @@ def test_step_is_device_count_independent(sampling):
     assert all(np.isfinite(losses1))
 
 
+@pytest.mark.slow
 def test_pmap_step_equals_the_jit_step_on_8_devices():
     # Dropout on: both paths draw the same masks from the same keys.
     batches = [random_batch(tiny_config(), s) for s in range(2)]
@@ -43,6 +45,7 @@ def test_pmap_step_equals_the_jit_step_on_8_devices():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_compiles_once_per_num_samples():
     config = tiny_config()
     batches = [random_batch(config, s) for s in range(3)]
@@ -57,6 +60,7 @@ def test_step_compiles_once_per_num_samples():
     assert step_fn._cache_size() == 2
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss_on_a_fixed_batch():
     config = tiny_config(**{"model.dropout": 0.0})
     batch = random_batch(config, 0)

@@ -67,7 +67,11 @@ def run_ours(config, batches):
             np.asarray(sampling.negative_permutations(keys[6], config.loss.neg_samples, BATCH))
         )
         state, metrics = step_fn(
-            state, backbone_dev, sharding.host_to_global(batch, mesh), k_step, hp,
+            state,
+            backbone_dev,
+            sharding.host_to_global(batch, mesh),
+            k_step,
+            hp,
             num_side=num_side,
         )
         metrics = jax.device_get(metrics)

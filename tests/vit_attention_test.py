@@ -62,6 +62,7 @@ def test_attention_implementation_choice():
     assert ATTENTIONS == ("auto", "xla", "cudnn", "explicit")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_xla_path_equals_explicit_fp32(variant):
     params = random_params(variant)
@@ -74,6 +75,7 @@ def test_xla_path_equals_explicit_fp32(variant):
         assert err <= 1e-6, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_xla_path_bf16_within_the_bf16_bounds(variant):
     params = random_params(variant)
@@ -93,9 +95,9 @@ def test_attention_maps_come_from_the_explicit_path(variant):
     params = random_params(variant)
     x = images(variant, seed=2)
     outs = {
-        a: build_backbone(variant).clone(attention=a).apply(
-            {"params": params}, x, return_attention=True
-        )
+        a: build_backbone(variant)
+        .clone(attention=a)
+        .apply({"params": params}, x, return_attention=True)
         for a in ("auto", "explicit")
     }
     # Earlier blocks ran the XLA path, so the last block's map differs by rounding only.

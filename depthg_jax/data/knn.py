@@ -321,9 +321,7 @@ def embedding_program(features, *, dropout: float = 0.0):
     return embed
 
 
-def make_sharded_feature_fn(
-    features, params, *, dropout: float = 0.0, dropout_key=None, mesh=None
-):
+def make_sharded_feature_fn(features, params, *, dropout: float = 0.0, dropout_key=None, mesh=None):
     """A feature_fn running `features(params, images)` jitted over every device of every
     process (batch on 'data', a backbone's parameters split over 'model' by
     models/partitioning.py; `mesh` defaults to all devices on 'data'), returning pooled,
@@ -409,9 +407,7 @@ def make_knn_table(
             "KNN table from a %s backbone (model.variant is %s)", variant, config.model.variant
         )
     mesh = sharding.mesh_for(config)
-    params = partitioning.load_backbone(
-        config.model, seeds.run_keys(config.seed)[0], mesh, variant
-    )
+    params = partitioning.load_backbone(config.model, seeds.run_keys(config.seed)[0], mesh, variant)
     dropout = float(data_cfg.get("knn_dropout", 0.0))
     spec = dataclasses.replace(model_lib.ModelSpec.from_config(config), variant=variant)
     feature_fn = make_sharded_feature_fn(

@@ -105,9 +105,7 @@ def evaluate_kmeans(
     """
     if jax.process_count() > 1:
         raise ValueError("the k-means baseline runs in single-process runs only (the demo)")
-    points = sample_embeddings(
-        embed, params, loader, seed=seed, points_per_image=points_per_image
-    )
+    points = sample_embeddings(embed, params, loader, seed=seed, points_per_image=points_per_image)
     if len(points) == 0:
         raise ValueError("k-means baseline: the evaluation split is empty")
     centroids = fit_spherical_kmeans(jax.random.key(seed), jnp.asarray(points), n_classes)

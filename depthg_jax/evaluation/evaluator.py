@@ -273,9 +273,7 @@ class Evaluator:
 
 def score(confusions: dict) -> dict:
     """metrics.scores of each confusion: Hungarian-matched for cluster probes, else identity."""
-    return {
-        k: metrics.scores(v, hungarian=k.startswith("cluster")) for k, v in confusions.items()
-    }
+    return {k: metrics.scores(v, hungarian=k.startswith("cluster")) for k, v in confusions.items()}
 
 
 def evaluate_loader(

@@ -54,7 +54,7 @@ EVALUATION_REPORT = "evaluation report"  # results.json's "kind" (training write
 
 
 def labels_state(results: dict) -> str:
-    """"all", "some" or "none": how many of the scored images carried labels."""
+    """ "all", "some" or "none": how many of the scored images carried labels."""
     labelled = results.get("num_labelled_images", results["num_images"])
     return "all" if labelled == results["num_images"] else "some" if labelled else "none"
 
@@ -228,7 +228,6 @@ def describe_checkpoint(path: str, selection: dict | None) -> str:
     if what == "best":
         line += f"; selected on {selection.get('selected_on')}"
     return line
-
 
 
 # --- Label-free reports -------------------------------------------------------------------------

@@ -39,7 +39,9 @@ DINOV3_FILES: dict[str, tuple[str, str]] = {
 }
 DINOV3_DOWNLOAD_PAGE = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
 
-_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
+_DINOV2_URL = (
+    "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"
+)
 DINOV2_URLS: dict[str, str] = {
     f"{prefix}-{size.upper() if size != 'g' else 'g'}/14": _DINOV2_URL.format(
         s=size, reg="_reg4" if prefix == "v2reg" else ""

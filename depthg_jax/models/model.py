@@ -195,7 +195,8 @@ def check_params(params: dict, spec: ModelSpec, *, where: str = "") -> None:
         "code dim": (params["head"]["linear"]["kernel"].shape[-1], spec.dim),
         "cluster probe classes": (params["cluster_probe"]["clusters"].shape[0], spec.n_classes),
         "linear probe classes": (
-            params["linear_probe"]["linear"]["kernel"].shape[-1], spec.n_classes
+            params["linear_probe"]["linear"]["kernel"].shape[-1],
+            spec.n_classes,
         ),
     }
     bad = [f"{name} {got} (expected {want})" for name, (got, want) in found.items() if got != want]

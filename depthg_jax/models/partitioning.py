@@ -47,7 +47,7 @@ PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def path_name(path) -> str:
-    """"blocks_0/attn/qkv/kernel" from a jax key path."""
+    """ "blocks_0/attn/qkv/kernel" from a jax key path."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 

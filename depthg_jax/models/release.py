@@ -467,6 +467,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-
     define_flags()
     commands.run_main(main)

@@ -186,9 +186,7 @@ def rope_periods(head_dim: int, base: float = ROPE_BASE) -> np.ndarray:
     """DINOv3's RoPE periods (head_dim / 4,), float32: base ** (4k / head_dim)."""
     if head_dim % 4:
         raise ValueError(f"RoPE needs a head width divisible by 4, got {head_dim}")
-    return (np.float32(base) ** np.arange(0, 1, 4 / head_dim, dtype=np.float32)).astype(
-        np.float32
-    )
+    return (np.float32(base) ** np.arange(0, 1, 4 / head_dim, dtype=np.float32)).astype(np.float32)
 
 
 def rope_tables(gh: int, gw: int, head_dim: int, base: float = ROPE_BASE):
@@ -229,9 +227,7 @@ def backend_platform() -> str:
     return "rocm" if "rocm" in version else "cuda"
 
 
-def attention_implementation(
-    platform: str, dtype, head_dim: int, requested: str = "auto"
-) -> str:
+def attention_implementation(platform: str, dtype, head_dim: int, requested: str = "auto") -> str:
     """Which attention runs: "cudnn", "xla" or "explicit", for a platform (``backend_platform``
     names), compute dtype, head width and requested implementation (one of ``ATTENTIONS``).
 

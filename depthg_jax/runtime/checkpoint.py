@@ -332,9 +332,7 @@ def verify_export(path: str) -> int:
 _ADDED_TO_EXPORTS = ("eval",)
 
 
-def load_export(
-    path: str, *, unverified: bool = False
-) -> tuple[ml_collections.ConfigDict, dict]:
+def load_export(path: str, *, unverified: bool = False) -> tuple[ml_collections.ConfigDict, dict]:
     """Loads (config, params) written by `save_export`, checked to fit the config's model.
 
     The files are verified against the export's manifest first, as `export --verify` does

@@ -88,7 +88,5 @@ def verify_manifest(directory: str, *, allow_extra: tuple[str, ...] = ()) -> int
         if rel not in entries and rel.split(os.sep)[0] not in allow_extra
     ]  # fmt: skip
     if extra:
-        raise IntegrityError(
-            f"{directory} holds files its manifest does not list: {extra[:5]}"
-        )
+        raise IntegrityError(f"{directory} holds files its manifest does not list: {extra[:5]}")
     return len(entries)

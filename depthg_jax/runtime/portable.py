@@ -149,18 +149,30 @@ def write_portable(
         "resolution": res,
         "flip": bool(flip),
         "input": {
-            "images": {"dtype": "uint8", "shape": [BATCH_DIM, res, res, 3],
-                       "meaning": f"RGB images resized to {res} x {res}"},
+            "images": {
+                "dtype": "uint8",
+                "shape": [BATCH_DIM, res, res, 3],
+                "meaning": f"RGB images resized to {res} x {res}",
+            },
         },  # fmt: skip
         "outputs": {
-            "cluster": {"dtype": "int32", "shape": [BATCH_DIM, res, res],
-                        "meaning": "cluster id per pixel (not a class: match clusters to "
-                                   "classes on labelled images, as evaluate does)"},
-            "linear": {"dtype": "int32", "shape": [BATCH_DIM, res, res],
-                       "meaning": "class id per pixel (the linear probe)"},
-            "code": {"dtype": "float32", "shape": [BATCH_DIM, grid, grid, spec.dim],
-                     "meaning": "the head's code on the feature grid"
-                                + (", averaged with the flipped image's" if flip else "")},
+            "cluster": {
+                "dtype": "int32",
+                "shape": [BATCH_DIM, res, res],
+                "meaning": "cluster id per pixel (not a class: match clusters to "
+                "classes on labelled images, as evaluate does)",
+            },
+            "linear": {
+                "dtype": "int32",
+                "shape": [BATCH_DIM, res, res],
+                "meaning": "class id per pixel (the linear probe)",
+            },
+            "code": {
+                "dtype": "float32",
+                "shape": [BATCH_DIM, grid, grid, spec.dim],
+                "meaning": "the head's code on the feature grid"
+                + (", averaged with the flipped image's" if flip else ""),
+            },
         },  # fmt: skip
         "classes": list(classes),
         "palette": np.asarray(palette, np.uint8).tolist(),

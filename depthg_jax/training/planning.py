@@ -57,7 +57,7 @@ CHIPS: dict[str, Chip] = {
 
 
 def parse_chips(text: str) -> tuple[str, int]:
-    """"v5e-64" -> ("v5e", 64); also "H100-8" and "8xH100"."""
+    """ "v5e-64" -> ("v5e", 64); also "H100-8" and "8xH100"."""
     text = text.strip()
     name, count = None, None
     if "x" in text and text.split("x", 1)[0].isdigit():

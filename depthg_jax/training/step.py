@@ -185,9 +185,7 @@ def make_pmap_train_step(spec, objective, mesh):
                 out_axes=None,
                 devices=devices,
             )
-        local = jax.tree.map(
-            lambda x: np.asarray(x).reshape((n_dev, -1) + x.shape[1:]), batch
-        )
+        local = jax.tree.map(lambda x: np.asarray(x).reshape((n_dev, -1) + x.shape[1:]), batch)
         new_state, metrics = compiled[num_side](state, backbone_params, local, root_key, hp)
         return jax.device_put((new_state, metrics), sharding.replicated(mesh))
 

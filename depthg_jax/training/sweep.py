@@ -82,7 +82,7 @@ def _pairs(text: str, sep: str, where: str) -> list[tuple[str, str]]:
 
 
 def parse_grid(text: str) -> list[dict]:
-    """"a=1,2;b=3" -> [{a: 1, b: 3}, {a: 2, b: 3}] (product; the last field fastest)."""
+    """ "a=1,2;b=3" -> [{a: 1, b: 3}, {a: 2, b: 3}] (product; the last field fastest)."""
     where = "config.sweep.grid"
     axes = []
     for field, values in _pairs(text, ";", where):
@@ -131,7 +131,7 @@ def parse_ranges(text: str, count: int, seed: int) -> list[dict]:
 
 
 def parse_members(text: str) -> list[dict]:
-    """"name=a,loss.depth_weight=0|optim.lr=1e-4" -> one dict per member ("name" kept)."""
+    """ "name=a,loss.depth_weight=0|optim.lr=1e-4" -> one dict per member ("name" kept)."""
     where = "config.sweep.members"
     members = []
     for entry in text.split("|"):

@@ -156,9 +156,7 @@ def _export(run: loop.Run, state, final) -> dict | None:
         )
     if best is not None:
         layout = exports.RunLayout(workdir=workdir, config=config, members=None)
-        trainable, _, _ = exports.restore_trainable(
-            layout, step=best["step"], manager=run.manager
-        )
+        trainable, _, _ = exports.restore_trainable(layout, step=best["step"], manager=run.manager)
         exports.write_export(
             os.path.join(workdir, "export_best"),
             config,
