@@ -19,9 +19,7 @@ from depthg_jax.runtime import sharding
 from depthg_jax.training import planning, population, sweep
 from depthg_jax.training import step as step_lib
 
-# Both axes, and the backbone split over every device ((8, 1), data parallelism alone, is
-# train_test's test_step_is_device_count_independent).
-MESHES = [(2, 4), (1, 8)]
+MESHES = [(8, 1), (2, 4), (1, 8)]
 STEPS = 3
 # Backbones at width 32: DINO's block layout (qkv, proj, fc1, fc2, learned positions), and
 # the DINOv3 7B's (no qkv bias, SwiGLU w1/w2/w3, layer scale, RoPE, storage tokens).
@@ -129,10 +127,10 @@ def test_population_step_equals_one_device(reference):
     config.sweep.members = MEMBERS
     batches = reference[1]
     ref_losses, ref_params = run_population(config, mesh_of((1, 1)), batches)
-    shape = (2, 4)  # the member axis inside each data row, the backbone split 4 ways
-    losses, params = run_population(config, mesh_of(shape), batches)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
-    assert_trees_close(params, ref_params, f"population params on mesh {shape}")
+    for shape in ((2, 4), (1, 8)):
+        losses, params = run_population(config, mesh_of(shape), batches)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
+        assert_trees_close(params, ref_params, f"population params on mesh {shape}")
 
 
 def eval_batches(config, n=2):
