@@ -1,7 +1,6 @@
 """notebooks/quickstart.ipynb is stored without outputs and runs end to end, offline, on a CPU
 in a few minutes: a small demo training, its pictures, segmentation from Python."""
 
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -24,11 +23,6 @@ def test_notebook_is_stored_with_outputs_stripped():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("depthg_jax.inference") is None,
-    reason="depthg_jax.inference (the Python inference API the notebook uses) is not in this "
-    "checkout yet",
-)
 def test_quickstart_notebook_runs_offline(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 

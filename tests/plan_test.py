@@ -9,7 +9,6 @@ from support import REPO_CONFIGS, tiny_config
 from train_process_test import ROOT
 
 from depthg_jax import plan
-from depthg_jax.models import variants
 from depthg_jax.runtime import sharding
 from depthg_jax.training import loop, planning
 
@@ -30,13 +29,7 @@ def coco(variant):
     return f"--config={REPO_CONFIGS / 'coco.py'}:{variant}"
 
 
-needs_7b = pytest.mark.skipif(
-    "v3-7B/16" not in variants.VARIANTS, reason="the DINOv3 7B arrives with branch vit"
-)
-
-
 @pytest.mark.slow
-@needs_7b
 def test_a_float32_7b_on_v5e_8_is_refused_with_the_numbers_and_a_mesh_that_fits():
     out = planner(coco("v3-7B/16"), "--chips=v5e-8")
     assert out.returncode == 1, out.stdout + out.stderr
@@ -62,7 +55,6 @@ def test_a_float32_7b_on_v5e_8_is_refused_with_the_numbers_and_a_mesh_that_fits(
 
 
 @pytest.mark.slow
-@needs_7b
 def test_the_compiled_plan_of_the_7b_structured_tiny_model():
     out = planner(coco("v3-mu7B/16"), "--chips=v5e-8", "--config.mesh.model=4",
                   "--config.train.batch_size=8", "--config.data.train_res=64",
